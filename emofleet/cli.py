@@ -1,2 +1,232 @@
-def main() -> int:
+"""The `emofleet` command. Heavy modules (torch, funasr, Kafka clients) are imported inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from emofleet.streams import config as cfg
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line with a hint, no traceback."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+# ---------------------------------------------------------------- settings
+
+
+def load_settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> cfg.Settings:
+    """Env, then the running embedded stack's addresses (when env names none), then flags."""
+    env = dict(os.environ) if env is None else env
+    settings = cfg.from_env(env)
+    if getattr(args, "data_dir", None):
+        settings = cfg.with_overrides(settings, data_dir=args.data_dir)
+    settings = _with_embedded_stack(settings, env)
+    overrides = {name: getattr(args, name) for name in vars(args) if "__" in name}
+    return cfg.with_overrides(settings, **overrides)
+
+
+def _with_embedded_stack(settings: cfg.Settings, env: dict[str, str]) -> cfg.Settings:
+    from emofleet.infra.local_stack import LocalStack
+
+    state = LocalStack(settings.data_dir, settings.cache.redis_url).read_state()
+    if state is None:
+        return settings
+    if f"{cfg.ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS" not in env:
+        settings = cfg.with_overrides(settings, kafka__bootstrap_servers=state.bootstrap_servers)
+    if f"{cfg.ENV_PREFIX}CACHE_REDIS_URL" not in env:
+        settings = cfg.with_overrides(settings, cache__redis_url=state.redis_url)
+    return settings
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="state, logs and chDB files (env EMOFLEET_DATA_DIR; default .emofleet)")
+    parser.add_argument("--bootstrap-servers", dest="kafka__bootstrap_servers",
+                        help="Kafka bootstrap servers (default: the running embedded stack)")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from emofleet.infra.local_stack import LocalStack
+
+    settings = cfg.with_overrides(cfg.from_env(), data_dir=args.data_dir)
+    stack = LocalStack(settings.data_dir, settings.cache.redis_url)
+    if args.action == "start":
+        state = stack.start()
+        print(f"broker  {state.bootstrap_servers}\nredis   {state.redis_url}\nchdb    {state.chdb_path}")
+    elif args.action == "stop":
+        print("stopped" if stack.stop() else "nothing was running")
+    else:
+        for name, value in stack.status().items():
+            print(f"{name:<7} {value}")
     return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    from emofleet.streams.topics import ensure_topics, partition_counts, pipeline_topics
+
+    settings = load_settings(args)
+    admin = AdminClient(settings.kafka.client_config())
+    specs = pipeline_topics(settings.kafka)
+    if args.action == "create":
+        for status in ensure_topics(admin, specs):
+            print(f"{status.outcome:<8} {status.name}  partitions={status.partitions}")
+    else:
+        counts = partition_counts(admin, [s.name for s in specs])
+        for spec in specs:
+            print(f"{spec.name}  partitions={counts.get(spec.name, 'missing')}")
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from emofleet.schemas.codec import make_codec
+    from emofleet.streams.producer import AudioReferenceProducer
+    from emofleet.streams.references import ItemError, references_from_manifest, references_from_paths
+
+    if not args.paths and not args.manifest:
+        raise UserError("nothing to produce", "give audio paths/globs or --manifest FILE.jsonl|.csv")
+    settings = load_settings(args)
+    defaults = {"tenant": args.tenant, "source": args.source, "channel": args.channel}
+    items: list[Any] = list(references_from_paths(args.paths, defaults=defaults))
+    for manifest in args.manifest or []:
+        if not Path(manifest).is_file():
+            raise UserError(f"manifest {manifest} does not exist", "check the path")
+        items.extend(references_from_manifest(Path(manifest), defaults=defaults))
+    errors = [item for item in items if isinstance(item, ItemError)]
+    references = [item for item in items if not isinstance(item, ItemError)]
+    codec = make_codec(settings.kafka.schema_registry_url)
+    with _progress(len(references), "produce", unit="ref") as bar, \
+            AudioReferenceProducer(settings.kafka, codec, on_delivery=lambda *_: bar.update(1)) as producer:
+        for reference in references:
+            producer.send(reference)
+    for error in errors:
+        print(f"error: {error.item}: {error.reason}", file=sys.stderr)
+    for audio_id, reason in producer.report.failed:
+        print(f"error: {audio_id}: delivery failed: {reason}", file=sys.stderr)
+    failed = len(errors) + len(producer.report.failed)
+    print(f"sent {producer.report.sent}, failed {failed}")
+    return 1 if failed else 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from emofleet.infra.local_stack import LocalStack
+    from emofleet.samples import write_samples
+
+    base = cfg.with_overrides(cfg.from_env(), data_dir=args.data_dir)
+    state = LocalStack(base.data_dir, base.cache.redis_url).start()
+    print(f"stack up: broker {state.bootstrap_servers}, redis {state.redis_url}, chdb {state.chdb_path}")
+    cmd_topics(argparse.Namespace(**vars(args), action="create"))
+    audio = [str(Path(args.audio))] if args.audio else [
+        str(p) for p in write_samples(base.data_dir / "samples", args.samples)]
+    produce_args = argparse.Namespace(**vars(args), paths=audio, manifest=None, tenant=None,
+                                      source="sample" if not args.audio else None, channel=None)
+    return cmd_produce(produce_args)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(cfg.describe(load_settings(args)), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+class _NoBar:
+    def update(self, _n: int) -> None: ...
+    def __enter__(self) -> _NoBar:
+        return self
+    def __exit__(self, *_exc: object) -> None: ...
+
+
+def _progress(total: int, description: str, unit: str) -> Any:
+    """A tqdm bar on a terminal for large batches; silent otherwise."""
+    if total < 200 or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emofleet", description=__doc__.split("\n")[0].replace(
+        "The `emofleet` command", "Speech-emotion analytics at scale"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        _add_common(sub)
+        return sub
+
+    stack = command("stack", cmd_stack, "start / stop / show the embedded local stack (Tansu broker, Redis, chDB dir)")
+    stack.add_argument("action", choices=("start", "stop", "status"), nargs="?", default="status")
+
+    topics = command("topics", cmd_topics, "create the pipeline's topics (idempotent) or list them")
+    topics.add_argument("action", choices=("create", "list"), nargs="?", default="list")
+    topics.add_argument("--partitions", dest="kafka__partitions", type=int, help="partitions per topic (default 8)")
+    topics.add_argument("--replication-factor", dest="kafka__replication_factor", type=int, help="default 1")
+
+    produce = command("produce", cmd_produce, "publish AudioReference events for audio files or a manifest")
+    produce.add_argument("paths", nargs="*", metavar="PATH_OR_GLOB", help="audio files, directories or globs")
+    produce.add_argument("--manifest", action="append", metavar="FILE",
+                         help="a .jsonl or .csv manifest (fields: uri, audio_id, tenant, source, channel, call_id, "
+                              "content_type, attributes / attr.NAME columns); repeatable")
+    produce.add_argument("--tenant", help="tenant for items that do not name one")
+    produce.add_argument("--source", help="source for items that do not name one")
+    produce.add_argument("--channel", help="channel for items that do not name one")
+    produce.add_argument("--topic", dest="kafka__audio_topic", help="audio topic (default emofleet.audio)")
+
+    up = command("up", cmd_up, "run the pipeline on the embedded stack: start it, create topics, enqueue audio")
+    up.add_argument("--audio", help="an audio directory or glob to enqueue (default: generated sample clips)")
+    up.add_argument("--samples", type=int, default=50, help="number of generated sample clips (default 50)")
+
+    command("config", cmd_config, "print the effective settings (secrets masked)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # user-facing errors become one line; anything else is a bug
+        message, hint = _user_message(error)
+        if message is None:
+            raise
+        print(f"emofleet: error: {message}", file=sys.stderr)
+        if hint:
+            print(f"  hint: {hint}", file=sys.stderr)
+        return 2
+
+
+def _user_message(error: Exception) -> tuple[str | None, str]:
+    from emofleet.infra.local_stack import StackError
+
+    if isinstance(error, UserError):
+        return str(error), error.hint
+    if isinstance(error, cfg.ConfigError):
+        return str(error), "see `emofleet config` for the effective settings"
+    if isinstance(error, StackError):
+        return str(error), "`emofleet stack status` shows what runs"
+    if type(error).__name__ == "KafkaException":
+        return f"Kafka: {error.args[0].str() if error.args else error}", \
+            "is the broker up? `emofleet stack start` runs the embedded one"
+    return None, ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

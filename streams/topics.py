@@ -1,0 +1,56 @@
+"""The pipeline's topics and their idempotent creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from emofleet.streams.config import KafkaSettings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicStatus:
+    name: str
+    partitions: int
+    outcome: str  # "created" | "exists"
+
+
+def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
+    """Audio in, emotions out, dead letters and alerts; all with the configured layout."""
+    names = (kafka.audio_topic, kafka.results_topic, kafka.dead_letter_topic, kafka.alerts_topic)
+    return [TopicSpec(name, kafka.partitions, kafka.replication_factor) for name in names]
+
+
+def ensure_topics(admin: AdminClient, specs: list[TopicSpec], timeout: float = 10.0) -> list[TopicStatus]:
+    """Create the topics that are missing; existing ones are left as they are and reported."""
+    futures = admin.create_topics(
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor,
+                  config=s.config) for s in specs],
+        operation_timeout=timeout, request_timeout=timeout)
+    outcomes: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result()
+            outcomes[name] = "created"
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            outcomes[name] = "exists"
+    partitions = partition_counts(admin, [s.name for s in specs], timeout)
+    return [TopicStatus(s.name, partitions.get(s.name, 0), outcomes[s.name]) for s in specs]
+
+
+def partition_counts(admin: AdminClient, names: list[str], timeout: float = 10.0) -> dict[str, int]:
+    """Partition count per topic, read from cluster metadata (all topics, so nothing is auto-created)."""
+    metadata = admin.list_topics(timeout=timeout)
+    return {name: len(metadata.topics[name].partitions) for name in names if name in metadata.topics}
