@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -136,6 +137,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     return cmd_produce(produce_args)
 
 
+def cmd_process(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    from emofleet.processors.model import ModelLoadError
+    from emofleet.processors.service import run_processor
+
+    settings = load_settings(args)
+    if not settings.audio.file_roots and "file" in settings.audio.allowed_schemes:
+        logging.getLogger("emofleet").warning(
+            "no file roots configured: file:// references will be dead-lettered (set EMOFLEET_AUDIO_FILE_ROOTS "
+            "or --file-root)")
+    try:
+        return run_processor(settings)
+    except ModelLoadError as error:
+        raise UserError(str(error), "`--model tiny` runs offline; a hub id needs network or a local copy") from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(json.dumps(cfg.describe(load_settings(args)), indent=2))
     return 0
@@ -192,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("up", cmd_up, "run the pipeline on the embedded stack: start it, create topics, enqueue audio")
     up.add_argument("--audio", help="an audio directory or glob to enqueue (default: generated sample clips)")
     up.add_argument("--samples", type=int, default=50, help="number of generated sample clips (default 50)")
+
+    process = command("process", cmd_process,
+                      "run one member of the processor group: audio references in, emotion events out")
+    process.add_argument("--model", dest="model__model",
+                         help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
+    process.add_argument("--device", dest="model__device", help="auto | cpu | cuda[:N] (default auto)")
+    process.add_argument("--file-root", dest="audio__file_roots", action="append", type=Path,
+                         help="directory file:// references may read from; repeatable")
+    process.add_argument("--max-clips", dest="batch__max_clips", type=int, help="clips per model batch (default 16)")
+    process.add_argument("--group-instance-id", dest="kafka__group_instance_id",
+                         help="static membership id (keeps partitions across quick restarts)")
+    process.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     command("config", cmd_config, "print the effective settings (secrets masked)")
     return parser

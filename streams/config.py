@@ -169,6 +169,8 @@ def with_overrides(settings: Settings, **overrides: Any) -> Settings:
         section = getattr(settings, section_name)
         if isinstance(value, str):
             value = _parse(f"--{name}", value, _field_type(section, name))
+        elif isinstance(value, list):
+            value = tuple(value)
         settings = replace(settings, **{section_name: replace(section, **{name: value})})
     return settings
 

@@ -24,3 +24,23 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0)
     finally:
         consumer.close()
     return messages
+
+
+class TopicReader:
+    """Accumulates everything on a topic, from the beginning, across calls."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        partitions = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
+                                   "enable.auto.commit": False, "log_level": 0})
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        self.messages: list[Message] = []
+
+    def poll(self, timeout: float = 0.2) -> list[Message]:
+        for message in self._consumer.consume(num_messages=10_000, timeout=timeout):
+            if message.error() is None:
+                self.messages.append(message)
+        return self.messages
+
+    def close(self) -> None:
+        self._consumer.close()

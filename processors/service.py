@@ -1,0 +1,57 @@
+"""`emofleet process`: one member of the processor consumer group, wired from settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from confluent_kafka import Producer
+
+from emofleet.processors.model import EmotionModel, load_model
+from emofleet.processors.step import InferenceStep
+from emofleet.schemas.codec import make_codec
+from emofleet.streams.config import Settings
+from emofleet.streams.consumer import ConsumerLoop, consumer_config
+from emofleet.streams.producer import idempotent_producer_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Processor:
+    loop: ConsumerLoop
+    step: InferenceStep
+
+
+def member_id(settings: Settings) -> str:
+    return settings.kafka.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_processor(settings: Settings, model: EmotionModel | None = None) -> Processor:
+    model = model or load_model(settings.model, cache_dir=settings.data_dir / "models")
+    codec = make_codec(settings.kafka.schema_registry_url)
+    producer = Producer(idempotent_producer_config(settings.kafka, **{"linger.ms": 5}))
+    processor_id = member_id(settings)
+    steps: list[InferenceStep] = []
+
+    def strategy(report, is_current):  # type: ignore[no-untyped-def]
+        steps.append(InferenceStep(settings, model, codec, producer, report, is_current, processor_id=processor_id))
+        return steps[0]
+
+    loop = ConsumerLoop(consumer_config(settings.kafka, settings.kafka.processor_group),
+                        [settings.kafka.audio_topic], strategy, settings.batch)
+    return Processor(loop, steps[0])
+
+
+def run_processor(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT: then stop fetching, finish the batch, flush, commit, exit 0."""
+    processor = build_processor(settings)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: processor.loop.stop())
+    log.info("processor %s consuming %s as group %s", processor.step.processor_id, settings.kafka.audio_topic,
+             settings.kafka.processor_group)
+    processor.loop.run()
+    return 0

@@ -1,0 +1,400 @@
+"""The inference step: the strategy the consumer loop drives for `emofleet process`.
+
+Pipeline per message, off the poll thread:
+
+1. prepare (thread pool, ``fetch_workers`` wide): Avro-decode the reference, fetch and decode the
+   audio with bounded retries for transient errors. Failures go straight to the dead-letter topic.
+   Prepared clips wait in a ready queue bounded by audio seconds, so memory stays bounded.
+2. batch (one worker thread): gather up to ``max_clips`` clips / ``max_audio_seconds`` or
+   ``max_wait_ms``; look the batch up in the cache (one MGET), claim the misses, run the model on the
+   claimed clips' windows sorted by length, store the results, emit events. Clips another member is
+   computing are deferred and looked up again until its result lands or its claim expires.
+3. emit: events (or a dead letter) are produced with the idempotent producer; when every output of a
+   message is delivered the message is reported finished, which lets the loop commit past it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from confluent_kafka import KafkaError, Message, Producer
+
+from emofleet.processors.audio import SAMPLE_RATE, Audio, AudioError, AudioLoader, windows
+from emofleet.processors.cache import ResultCache, cache_namespace
+from emofleet.processors.events import (
+    ClipResult, Failure, Lineage, ModelIdentity, dead_letter, emotion_events,
+)
+from emofleet.processors.model import EmotionModel, Prediction
+from emofleet.schemas.codec import Codec, SchemaError
+from emofleet.streams.config import Settings
+from emofleet.streams.consumer import Reporter
+from emofleet.streams.offsets import TopicPartition
+
+log = logging.getLogger(__name__)
+
+FETCH_ATTEMPTS = 3
+DEFER_SECONDS = 0.25
+
+
+@dataclass(eq=False)
+class Item:
+    """One consumed message on its way through the step."""
+
+    tp: TopicPartition
+    offset: int
+    generation: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes | None]]
+    received: float
+    reference: dict[str, Any] | None = None
+    audio: Audio | None = None
+    outputs_pending: int = 0
+    retry_at: float = 0.0
+    claim_deadline: float = 0.0
+
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(self.tp[0], self.tp[1], self.offset)
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.duration_seconds if self.audio else 0.0
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over threads (fetch+decode runs on several at once)."""
+
+    fetch_decode: float = 0.0
+    cache: float = 0.0
+    model: float = 0.0
+    produce: float = 0.0
+    batches: int = 0
+    clips: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            setattr(self, stage, getattr(self, stage) + seconds)
+
+
+def plan_batches(lengths: list[int], max_clips: int, max_samples: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: sorted, then cut when a batch would exceed
+    ``max_clips`` or its padded size (longest x count) would exceed ``max_samples``."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        padded = lengths[index] * (len(current) + 1)
+        if current and (len(current) >= max_clips or padded > max_samples):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class InferenceStep:
+    def __init__(self, settings: Settings, model: EmotionModel, codec: Codec, producer: Producer,
+                 report: Reporter, is_current: Callable[[TopicPartition, int], bool], *,
+                 processor_id: str, loader: AudioLoader | None = None, cache: ResultCache | None = None) -> None:
+        self._settings = settings
+        self._model = model
+        self._codec = codec
+        self._producer = producer
+        self._report = report
+        self._is_current = is_current
+        self.processor_id = processor_id
+        self._identity = ModelIdentity(model.model_id, model.revision, settings.model.granularity,
+                                       settings.model.embeddings)
+        self._loader = loader or AudioLoader(settings.audio)
+        self.cache = cache or ResultCache(settings.cache, cache_namespace(
+            model.model_id, model.revision, settings.model.granularity, settings.model.embeddings), processor_id)
+        self._pool = ThreadPoolExecutor(settings.audio.fetch_workers, thread_name_prefix="fetch")
+        self._ready: deque[Item] = deque()
+        self._deferred: list[Item] = []
+        self._ready_seconds = 0.0
+        self._ready_limit = 4 * settings.batch.max_audio_seconds
+        self._cond = threading.Condition()
+        self._open: set[Item] = set()
+        self._open_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._failure: BaseException | None = None
+        self.times = StageTimes()
+        self.dead_lettered = 0
+        self._worker = threading.Thread(target=self._run_worker, name="inference", daemon=True)
+        self._delivery = threading.Thread(target=self._serve_deliveries, name="delivery", daemon=True)
+        self._worker.start()
+        self._delivery.start()
+
+    # ------------------------------------------------------------ Strategy interface (poll thread)
+
+    def submit(self, message: Message, generation: int) -> None:
+        item = Item((message.topic(), message.partition()), message.offset(), generation, message.key(),
+                    message.value() or b"", list(message.headers() or []), time.monotonic())
+        with self._open_lock:
+            self._open.add(item)
+        self._pool.submit(self._prepare, item)
+
+    def revoke(self, partitions: set[TopicPartition]) -> None:
+        with self._cond:
+            keep = [i for i in self._ready if i.tp not in partitions]
+            gone = [i for i in self._ready if i.tp in partitions] + [i for i in self._deferred if i.tp in partitions]
+            self._ready = deque(keep)
+            self._deferred = [i for i in self._deferred if i.tp not in partitions]
+            self._ready_seconds = sum(i.seconds for i in keep)
+            self._cond.notify_all()
+        self._drop(gone)
+
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def close(self, timeout: float) -> None:
+        """Finish the batch in progress, drop queued work, flush outputs."""
+        self._closing.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._worker.join(timeout)
+        self._producer.flush(timeout)
+        with self._open_lock:
+            unfinished = [i for i in self._open if i.outputs_pending == 0]
+        self._drop(unfinished)
+        self._loader.close()
+        self.cache.close()
+
+    # ------------------------------------------------------------ prepare (pool threads)
+
+    def _prepare(self, item: Item) -> None:
+        if self._closing.is_set() or not self._is_current(item.tp, item.generation):
+            self._drop([item])
+            return
+        try:
+            item.reference = self._codec.decode("audio_reference", item.value, topic=item.tp[0])
+        except SchemaError as error:
+            self._dead_letter(item, Failure(error.reason, "decode", type(error).__name__, str(error)))
+            return
+        started = time.monotonic()
+        try:
+            item.audio = self._load_with_retries(item.reference["uri"])
+        except AudioError as error:
+            self._dead_letter(item, Failure(error.reason, "audio", type(error).__name__, str(error),
+                                            attempts=getattr(error, "attempts", 1)))
+            return
+        except Exception as error:  # a decoder bug must not take the fleet down; the message is kept
+            log.exception("unexpected error loading %s", item.reference.get("audio_id"))
+            self._dead_letter(item, Failure("internal_error", "audio", type(error).__name__, str(error)))
+            return
+        finally:
+            self.times.add("fetch_decode", time.monotonic() - started)
+        with self._cond:
+            while self._ready_seconds > self._ready_limit and not self._closing.is_set():
+                self._cond.wait(0.5)
+            self._ready.append(item)
+            self._ready_seconds += item.seconds
+            self._cond.notify_all()
+
+    def _load_with_retries(self, uri: str) -> Audio:
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return self._loader.load(uri)
+            except AudioError as error:
+                if error.permanent or attempt == FETCH_ATTEMPTS or self._closing.is_set():
+                    error.attempts = attempt  # type: ignore[attr-defined]
+                    raise
+                log.warning("transient audio error (attempt %d/%d): %s", attempt, FETCH_ATTEMPTS, error)
+                self._closing.wait(0.5 * 2 ** (attempt - 1))  # backoff, cut short by shutdown
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ batch (worker thread)
+
+    def _run_worker(self) -> None:
+        try:
+            while not self._closing.is_set():
+                batch = self._gather()
+                if batch:
+                    self._process(batch)
+        except BaseException as error:  # surfaced to the poll thread, which stops the member
+            log.exception("inference worker failed")
+            self._failure = error
+
+    def _gather(self) -> list[Item]:
+        limits = self._settings.batch
+        deadline = None
+        batch: list[Item] = []
+        seconds = 0.0
+        with self._cond:
+            while not self._closing.is_set():
+                now = time.monotonic()
+                due = [i for i in self._deferred if i.retry_at <= now]
+                if due:
+                    self._deferred = [i for i in self._deferred if i.retry_at > now]
+                    batch.extend(due)
+                while self._ready and len(batch) < limits.max_clips and seconds < limits.max_audio_seconds:
+                    item = self._ready.popleft()
+                    self._ready_seconds -= item.seconds
+                    seconds += item.seconds
+                    batch.append(item)
+                    self._cond.notify_all()
+                if batch and deadline is None:
+                    deadline = now + limits.max_wait_ms / 1000
+                full = len(batch) >= limits.max_clips or seconds >= limits.max_audio_seconds
+                if full or (deadline is not None and now >= deadline):
+                    return batch
+                wake = [deadline] if deadline else []
+                wake += [i.retry_at for i in self._deferred]
+                self._cond.wait(max(0.001, min(wake) - now) if wake else 0.5)
+        self._drop(batch)
+        return []
+
+    def _process(self, batch: list[Item]) -> None:
+        current = [i for i in batch if self._is_current(i.tp, i.generation)]
+        self._drop([i for i in batch if i not in current])
+        started = time.monotonic()
+        by_sha: dict[str, list[Item]] = defaultdict(list)
+        for item in current:
+            by_sha[item.audio.sha256].append(item)  # type: ignore[union-attr]
+        cached = self.cache.get_many(list(by_sha))
+        for sha, payload in cached.items():
+            self._emit_results(by_sha.pop(sha), ClipResult.from_bytes(payload), cache_hit=True)
+        busy = self.cache.claim_many(by_sha)
+        self.times.add("cache", time.monotonic() - started)
+        self._defer([i for sha in busy for i in by_sha.pop(sha)])
+        if by_sha:
+            self._compute(by_sha)
+        self.times.batches += 1
+
+    def _defer(self, items: list[Item]) -> None:
+        """Wait for another member's result; after its claim expires, compute it ourselves."""
+        now = time.monotonic()
+        for item in items:
+            item.claim_deadline = item.claim_deadline or now + self._settings.cache.claim_seconds
+            if now >= item.claim_deadline:
+                self.cache.release([item.audio.sha256])  # type: ignore[union-attr]
+            item.retry_at = now + DEFER_SECONDS
+        with self._cond:
+            self._deferred.extend(items)
+
+    def _compute(self, by_sha: dict[str, list[Item]]) -> None:
+        shas = list(by_sha)
+        segments: list[tuple[int, int, int]] = []  # (clip index, start, end)
+        for clip_index, sha in enumerate(shas):
+            samples = by_sha[sha][0].audio.samples  # type: ignore[union-attr]
+            segments += [(clip_index, s, e) for s, e in windows(len(samples), self._settings.audio.window_seconds)]
+        predictions = self._predict_segments(shas, by_sha, segments)
+        results: dict[str, bytes] = {}
+        for clip_index, sha in enumerate(shas):
+            mine = [(s, e, p) for (c, s, e), p in zip(segments, predictions) if c == clip_index]
+            if any(p is None for *_, p in mine):
+                continue  # dead-lettered in _predict_segments
+            audio = by_sha[sha][0].audio
+            spans = tuple((s / SAMPLE_RATE, min(e / SAMPLE_RATE, audio.duration_seconds)) for s, e, _ in mine)
+            result = ClipResult(spans, tuple(p for *_, p in mine))  # type: ignore[misc]
+            results[sha] = result.to_bytes()
+            self._emit_results(by_sha[sha], result, cache_hit=False)
+        self.cache.put_many(results)
+
+    def _predict_segments(self, shas: list[str], by_sha: dict[str, list[Item]],
+                          segments: list[tuple[int, int, int]]) -> list[Prediction | None]:
+        clips = [by_sha[shas[c]][0].audio.samples[s:e] for c, s, e in segments]  # type: ignore[union-attr]
+        limits = self._settings.batch
+        plan = plan_batches([len(c) for c in clips], limits.max_clips,
+                            int(limits.max_audio_seconds * SAMPLE_RATE))
+        predictions: list[Prediction | None] = [None] * len(clips)
+        for indices in plan:
+            started = time.monotonic()
+            try:
+                outputs = self._predict([clips[i] for i in indices])
+            except Exception as error:
+                log.exception("model failed on a batch of %d clips", len(indices))
+                failed_clips = {segments[i][0] for i in indices}
+                for clip_index in failed_clips:
+                    self.cache.release([shas[clip_index]])
+                    for item in by_sha[shas[clip_index]]:
+                        self._dead_letter(item, Failure("model_error", "model", type(error).__name__, str(error)))
+                continue
+            finally:
+                self.times.add("model", time.monotonic() - started)
+            for i, output in zip(indices, outputs, strict=True):
+                predictions[i] = output
+            self.times.clips += len(indices)
+        return predictions
+
+    def _predict(self, clips: list[np.ndarray]) -> list[Prediction]:
+        return self._model.predict(clips, granularity=self._settings.model.granularity,
+                                   embeddings=self._settings.model.embeddings)
+
+    # ------------------------------------------------------------ emit
+
+    def _emit_results(self, items: list[Item], result: ClipResult, *, cache_hit: bool) -> None:
+        started = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        for item in items:
+            events = emotion_events(item.reference, item.lineage, item.audio.sha256, result,  # type: ignore[arg-type,union-attr]
+                                    self._identity, cache_hit=cache_hit, processed_at_ms=now_ms,
+                                    latency_ms=int((time.monotonic() - item.received) * 1000))
+            encoded = [self._codec.encode("emotion_event", e, topic=self._settings.kafka.results_topic)
+                       for e in events]
+            item.audio = None  # the samples are no longer needed; free them before delivery
+            self._produce_all(item, self._settings.kafka.results_topic,
+                              [(item.key, value) for value in encoded])
+        self.times.add("produce", time.monotonic() - started)
+
+    def _dead_letter(self, item: Item, failure: Failure) -> None:
+        record = dead_letter(key=item.key, payload=item.value, headers=item.headers, lineage=item.lineage,
+                             failure=failure, reference=item.reference, processor=self.processor_id,
+                             failed_at_ms=int(time.time() * 1000))
+        value = self._codec.encode("dead_letter", record, topic=self._settings.kafka.dead_letter_topic)
+        log.info("dead letter %s[%d]@%d: %s (%s)", *item.tp, item.offset, failure.reason, failure.message[:200])
+        self.dead_lettered += 1
+        self._produce_all(item, self._settings.kafka.dead_letter_topic, [(item.key, value)])
+
+    def _produce_all(self, item: Item, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+        item.outputs_pending = len(messages)
+        for key, value in messages:
+            while True:
+                try:
+                    self._producer.produce(topic, value=value, key=key,
+                                           on_delivery=lambda error, _msg, item=item: self._delivered(item, error))
+                    break
+                except BufferError:
+                    self._producer.poll(0.05)
+
+    def _delivered(self, item: Item, error: KafkaError | None) -> None:
+        if error is not None:
+            # The idempotent producer already retried for delivery.timeout.ms: stop this member
+            # rather than commit past a lost result. The message is redelivered after restart.
+            self._failure = RuntimeError(f"delivery to Kafka failed: {error.str()}")
+            return
+        with self._open_lock:
+            item.outputs_pending -= 1
+            done = item.outputs_pending == 0
+        if done:
+            self._settle(item, finished=True)
+
+    def _serve_deliveries(self) -> None:
+        while not self._closing.is_set() or len(self._producer):
+            self._producer.poll(0.05)
+
+    # ------------------------------------------------------------ settling
+
+    def _drop(self, items: Iterable[Item]) -> None:
+        for item in items:
+            self._settle(item, finished=False)
+
+    def _settle(self, item: Item, *, finished: bool) -> None:
+        with self._open_lock:
+            if item not in self._open:
+                return
+            self._open.discard(item)
+        self._report(item.tp, item.offset, finished=finished)

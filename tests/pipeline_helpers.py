@@ -1,0 +1,71 @@
+"""Shared pieces of processor tests: clips on disk, references on the audio topic, reading outcomes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+from emofleet.processors.service import Processor, build_processor
+from emofleet.samples import write_samples
+from emofleet.schemas.codec import make_codec
+from emofleet.streams.config import Settings
+from emofleet.streams.producer import AudioReferenceProducer
+from emofleet.streams.references import make_reference
+from emofleet.streams.topics import ensure_topics, pipeline_topics
+
+from kafka_helpers import TopicReader
+
+
+def create_topics(settings: Settings) -> None:
+    ensure_topics(AdminClient(settings.kafka.client_config()), pipeline_topics(settings.kafka))
+
+
+def enqueue_uris(settings: Settings, uris: list[str], **fields: str) -> list[dict]:
+    references = [make_reference({"uri": uri, **fields}) for uri in uris]
+    with AudioReferenceProducer(settings.kafka, make_codec()) as producer:
+        for reference in references:
+            producer.send(reference)
+    assert producer.report.failed == []
+    return references
+
+
+def sample_uris(directory: Path, count: int, **kwargs: float) -> list[str]:
+    return [p.resolve().as_uri() for p in write_samples(directory, count, **kwargs)]
+
+
+@contextmanager
+def running_processor(settings: Settings, **kwargs) -> Iterator[Processor]:
+    processor = build_processor(settings, **kwargs)
+    thread = threading.Thread(target=processor.loop.run, daemon=True)
+    thread.start()
+    try:
+        yield processor
+    finally:
+        processor.loop.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def outcomes(settings: Settings, expected: int, timeout: float = 60.0) -> tuple[list[dict], list[dict]]:
+    """(whole-clip events, dead letters) once ``expected`` distinct source messages are accounted for."""
+    codec = make_codec()
+    results = TopicReader(settings.kafka.bootstrap_servers, settings.kafka.results_topic)
+    dead_letters = TopicReader(settings.kafka.bootstrap_servers, settings.kafka.dead_letter_topic)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            events = [codec.decode("emotion_event", m.value(), topic=m.topic()) for m in results.poll()]
+            dead = [codec.decode("dead_letter", m.value(), topic=m.topic()) for m in dead_letters.poll()]
+            whole = [e for e in events if e["segment_index"] == -1]
+            settled = {(e["source_partition"], e["source_offset"]) for e in whole}
+            settled |= {(d["source_partition"], d["source_offset"]) for d in dead}
+            if len(settled) >= expected or time.monotonic() > deadline:
+                return whole, dead
+    finally:
+        results.close()
+        dead_letters.close()
