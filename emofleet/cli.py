@@ -93,9 +93,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from emofleet.schemas.codec import make_codec
-    from emofleet.streams.producer import AudioReferenceProducer
-    from emofleet.streams.references import ItemError, references_from_manifest, references_from_paths
+    from emofleet.streams.references import references_from_manifest, references_from_paths
 
     if not args.paths and not args.manifest:
         raise UserError("nothing to produce", "give audio paths/globs or --manifest FILE.jsonl|.csv")
@@ -106,6 +104,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
         if not Path(manifest).is_file():
             raise UserError(f"manifest {manifest} does not exist", "check the path")
         items.extend(references_from_manifest(Path(manifest), defaults=defaults))
+    report, failed = _produce(settings, items)
+    print(f"sent {report.sent}, failed {failed}")
+    return 1 if failed else 0
+
+
+def _produce(settings: cfg.Settings, items: list[Any]) -> tuple[Any, int]:
+    """Send the valid references, print one line per failed item; returns (delivery report, failures)."""
+    from emofleet.schemas.codec import make_codec
+    from emofleet.streams.producer import AudioReferenceProducer
+    from emofleet.streams.references import ItemError
+
     errors = [item for item in items if isinstance(item, ItemError)]
     references = [item for item in items if not isinstance(item, ItemError)]
     codec = make_codec(settings.kafka.schema_registry_url)
@@ -117,24 +126,47 @@ def cmd_produce(args: argparse.Namespace) -> int:
         print(f"error: {error.item}: {error.reason}", file=sys.stderr)
     for audio_id, reason in producer.report.failed:
         print(f"error: {audio_id}: delivery failed: {reason}", file=sys.stderr)
-    failed = len(errors) + len(producer.report.failed)
-    print(f"sent {producer.report.sent}, failed {failed}")
-    return 1 if failed else 0
+    return producer.report, len(errors) + len(producer.report.failed)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import time
+
     from emofleet.infra.local_stack import LocalStack
     from emofleet.samples import write_samples
+    from emofleet.streams.references import references_from_paths
+    from emofleet.up import Supervisor, child_env, print_summary, processor_command, watch_outcomes
 
     base = cfg.with_overrides(cfg.from_env(), data_dir=args.data_dir)
     state = LocalStack(base.data_dir, base.cache.redis_url).start()
     print(f"stack up: broker {state.bootstrap_servers}, redis {state.redis_url}, chdb {state.chdb_path}")
     cmd_topics(argparse.Namespace(**vars(args), action="create"))
-    audio = [str(Path(args.audio))] if args.audio else [
-        str(p) for p in write_samples(base.data_dir / "samples", args.samples)]
-    produce_args = argparse.Namespace(**vars(args), paths=audio, manifest=None, tenant=None,
-                                      source="sample" if not args.audio else None, channel=None)
-    return cmd_produce(produce_args)
+    settings = load_settings(args)
+    if args.audio:
+        paths, roots = [args.audio], [Path(args.audio).resolve() if Path(args.audio).is_dir()
+                                      else Path(args.audio).resolve().parent]
+    else:
+        sample_dir = settings.data_dir / "samples"
+        paths, roots = [str(p) for p in write_samples(sample_dir, args.samples)], [sample_dir]
+    supervisor = Supervisor(processor_command(settings, roots), args.processors, child_env(settings),
+                            settings.data_dir / "logs")
+    supervisor.start()
+    started = time.monotonic()
+    try:
+        report, failed = _produce(settings, list(references_from_paths(paths, defaults={"source": "up"})))
+        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s) running, "
+              f"logs in {settings.data_dir / 'logs'}")
+        with _progress(report.sent, "settled", unit="ref", always=True) as bar:
+            tally = watch_outcomes(settings, set(report.delivered), supervisor, timeout=args.timeout, progress=bar)
+        print_summary(tally, report.sent, time.monotonic() - started)
+        if args.keep_running:
+            print("processors keep running; Ctrl-C stops them")
+            while True:
+                supervisor.check()
+                time.sleep(1)
+        return 0 if len(tally.settled) == report.sent and not failed else 1
+    finally:
+        supervisor.stop()
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -173,9 +205,9 @@ class _NoBar:
     def __exit__(self, *_exc: object) -> None: ...
 
 
-def _progress(total: int, description: str, unit: str) -> Any:
-    """A tqdm bar on a terminal for large batches; silent otherwise."""
-    if total < 200 or not sys.stderr.isatty():
+def _progress(total: int, description: str, unit: str, always: bool = False) -> Any:
+    """A tqdm bar on a terminal for large batches (or ``always``); silent otherwise."""
+    if (total < 200 and not always) or not sys.stderr.isatty():
         return _NoBar()
     from tqdm import tqdm
 
@@ -211,9 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--channel", help="channel for items that do not name one")
     produce.add_argument("--topic", dest="kafka__audio_topic", help="audio topic (default emofleet.audio)")
 
-    up = command("up", cmd_up, "run the pipeline on the embedded stack: start it, create topics, enqueue audio")
-    up.add_argument("--audio", help="an audio directory or glob to enqueue (default: generated sample clips)")
+    up = command("up", cmd_up, "run the pipeline on the embedded stack: start it, create topics, run processors, "
+                               "enqueue audio, wait until every reference has a result or a dead letter")
+    up.add_argument("--audio", help="an audio file or directory to enqueue (default: generated sample clips)")
     up.add_argument("--samples", type=int, default=50, help="number of generated sample clips (default 50)")
+    up.add_argument("--processors", type=int, default=2, help="processor processes to run (default 2)")
+    up.add_argument("--model", dest="model__model",
+                    help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
+    up.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    up.add_argument("--keep-running", action="store_true", help="leave the processors running afterwards")
 
     process = command("process", cmd_process,
                       "run one member of the processor group: audio references in, emotion events out")

@@ -15,10 +15,14 @@ from emofleet.streams.references import message_key
 
 @dataclass
 class DeliveryReport:
-    """Running totals of delivery reports; ``failed`` holds (audio_id, error) pairs."""
+    """Running totals of delivery reports: where each reference landed, and (audio_id, error) failures."""
 
-    sent: int = 0
+    delivered: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
     failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return len(self.delivered)
 
 
 def idempotent_producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -64,9 +68,9 @@ class AudioReferenceProducer:
                 self._producer.poll(0.1)  # local queue full: serve delivery reports to make room
         self._producer.poll(0)
 
-    def _delivered(self, audio_id: str, error: KafkaError | None, _message: Message) -> None:
+    def _delivered(self, audio_id: str, error: KafkaError | None, message: Message) -> None:
         if error is None:
-            self.report.sent += 1
+            self.report.delivered.append((message.partition(), message.offset()))
         else:
             self.report.failed.append((audio_id, error.str()))
         if self._on_delivery:
