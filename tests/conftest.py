@@ -79,3 +79,12 @@ def redis_client(settings: Settings) -> Iterator[object]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """One loaded tiny emotion2vec for every in-process processor test (FunASR's import costs ~8 s)."""
+    from emofleet.processors.model import load_model
+    from emofleet.streams.config import ModelSettings
+
+    return load_model(ModelSettings(model="tiny"), cache_dir=tmp_path_factory.mktemp("models"))
