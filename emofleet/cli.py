@@ -143,13 +143,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     cmd_topics(argparse.Namespace(**vars(args), action="create"))
     settings = load_settings(args)
     if args.audio:
-        paths, roots = [args.audio], [Path(args.audio).resolve() if Path(args.audio).is_dir()
-                                      else Path(args.audio).resolve().parent]
+        audio = Path(args.audio).resolve()
+        paths, root = [str(audio)], audio if audio.is_dir() else audio.parent
     else:
-        sample_dir = settings.data_dir / "samples"
-        paths, roots = [str(p) for p in write_samples(sample_dir, args.samples)], [sample_dir]
-    supervisor = Supervisor(processor_command(settings, roots), args.processors, child_env(settings),
-                            settings.data_dir / "logs")
+        root = (settings.data_dir / "samples").resolve()
+        paths = [str(p) for p in write_samples(root, args.samples)]
+    settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
+    supervisor = Supervisor(processor_command(), args.processors, child_env(settings), settings.data_dir / "logs")
     supervisor.start()
     started = time.monotonic()
     try:

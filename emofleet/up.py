@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emofleet.streams.config import Settings
+from emofleet.streams.config import Settings, to_env
 
 
 @dataclass
@@ -54,19 +54,12 @@ class Supervisor:
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """The parent's environment plus the addresses the children must use."""
-    return dict(os.environ) | {
-        "EMOFLEET_DATA_DIR": str(settings.data_dir.resolve()),
-        "EMOFLEET_KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "EMOFLEET_CACHE_REDIS_URL": settings.cache.redis_url,
-    }
+    """The parent's environment plus the complete settings, so children run exactly this config."""
+    return dict(os.environ) | to_env(settings)
 
 
-def processor_command(settings: Settings, file_roots: list[Path]) -> list[str]:
-    command = [sys.executable, "-m", "emofleet.cli", "process", "--model", settings.model.model]
-    for root in file_roots:
-        command += ["--file-root", str(root.resolve())]
-    return command
+def processor_command() -> list[str]:
+    return [sys.executable, "-m", "emofleet.cli", "process"]
 
 
 @dataclass

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 from confluent_kafka import Producer
@@ -47,10 +48,23 @@ def build_processor(settings: Settings, model: EmotionModel | None = None) -> Pr
 
 
 def run_processor(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT: then stop fetching, finish the batch, flush, commit, exit 0."""
-    processor = build_processor(settings)
+    """Run until SIGTERM/SIGINT: then stop fetching, finish the batch, flush, commit, exit 0.
+
+    The handlers go in before the (slow) model load, so a stop request during loading exits cleanly too.
+    """
+    stop_requested = threading.Event()
+    processor: Processor | None = None
+
+    def request_stop(*_: object) -> None:
+        stop_requested.set()
+        if processor is not None:
+            processor.loop.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: processor.loop.stop())
+        signal.signal(signum, request_stop)
+    processor = build_processor(settings)
+    if stop_requested.is_set():
+        return 0
     log.info("processor %s consuming %s as group %s", processor.step.processor_id, settings.kafka.audio_topic,
              settings.kafka.processor_group)
     processor.loop.run()

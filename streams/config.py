@@ -157,6 +157,25 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def to_env(settings: Settings) -> dict[str, str]:
+    """The inverse of :func:`from_env`: hand the complete settings to a child process."""
+    env = {f"{ENV_PREFIX}DATA_DIR": str(settings.data_dir.resolve())}
+    for section_name in _SECTIONS:
+        section = getattr(settings, section_name)
+        for item in fields(section):
+            env[f"{ENV_PREFIX}{section_name}_{item.name}".upper()] = _format(getattr(section, item.name))
+    return env
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        separator = os.pathsep if value and isinstance(value[0], Path) else ","
+        return separator.join(str(v) for v in value)
+    return str(value)
+
+
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:
     """Apply flag values given as ``section__field=value``; ``None`` means "flag not given"."""
     for dotted, value in overrides.items():
