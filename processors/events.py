@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from emofleet.processors.model import EMOTIONS, Prediction
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Where a message came from."""
-
-    topic: str
-    partition: int
-    offset: int
+from emofleet.streams.dead_letters import Lineage
 
 
 @dataclass(frozen=True)
@@ -143,39 +135,3 @@ def emotion_events(reference: Mapping[str, Any], lineage: Lineage, content_sha25
 
 def _scores(values: np.ndarray) -> dict[str, float]:
     return dict(zip(EMOTIONS, map(float, values), strict=True))
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a message could not produce results."""
-
-    reason: str  # short machine code, e.g. "not_found", "malformed"
-    stage: str  # decode | fetch | audio | model | produce
-    error_class: str
-    message: str
-    attempts: int = 1
-
-
-def dead_letter(*, key: bytes | None, payload: bytes, headers: Sequence[tuple[str, bytes | None]] | None,
-                lineage: Lineage, failure: Failure, reference: Mapping[str, Any] | None, processor: str,
-                failed_at_ms: int) -> dict[str, Any]:
-    """A DeadLetter record carrying the original bytes and headers, so the message can be replayed."""
-    identity = f"{lineage.topic}|{lineage.partition}|{lineage.offset}|{failure.reason}"
-    return {
-        "dead_letter_id": hashlib.sha256(identity.encode()).hexdigest()[:32],
-        "source_topic": lineage.topic,
-        "source_partition": lineage.partition,
-        "source_offset": lineage.offset,
-        "key": key,
-        "payload": payload,
-        "headers": [{"key": k, "value": v} for k, v in headers or []],
-        "error_class": failure.error_class,
-        "error_message": failure.message[:2000],
-        "reason": failure.reason,
-        "stage": failure.stage,
-        "attempts": failure.attempts,
-        "audio_id": (reference or {}).get("audio_id"),
-        "uri": (reference or {}).get("uri"),
-        "failed_at": failed_at_ms,
-        "processor": processor,
-    }

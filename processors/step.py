@@ -29,13 +29,12 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from emofleet.processors.audio import SAMPLE_RATE, Audio, AudioError, AudioLoader, windows
 from emofleet.processors.cache import ResultCache, cache_namespace
-from emofleet.processors.events import (
-    ClipResult, Failure, Lineage, ModelIdentity, dead_letter, emotion_events,
-)
+from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events
 from emofleet.processors.model import EmotionModel, Prediction
 from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import Reporter
+from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
 from emofleet.streams.offsets import TopicPartition
 
 log = logging.getLogger(__name__)
