@@ -135,7 +135,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from emofleet.infra.local_stack import LocalStack
     from emofleet.samples import write_samples
     from emofleet.streams.references import references_from_paths
-    from emofleet.up import Supervisor, child_env, print_summary, processor_command, watch_outcomes
+    from emofleet.up import Supervisor, child_env, pipeline_commands, wait_until_stored
 
     base = cfg.with_overrides(cfg.from_env(), data_dir=args.data_dir)
     state = LocalStack(base.data_dir, base.cache.redis_url).start()
@@ -149,22 +149,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         root = (settings.data_dir / "samples").resolve()
         paths = [str(p) for p in write_samples(root, args.samples)]
     settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
-    supervisor = Supervisor(processor_command(), args.processors, child_env(settings), settings.data_dir / "logs")
+    logs = settings.data_dir / "logs"
+    supervisor = Supervisor(pipeline_commands(args.processors), child_env(settings), logs)
     supervisor.start()
     started = time.monotonic()
     try:
         report, failed = _produce(settings, list(references_from_paths(paths, defaults={"source": "up"})))
-        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s) running, "
-              f"logs in {settings.data_dir / 'logs'}")
-        with _progress(report.sent, "settled", unit="ref", always=True) as bar:
-            tally = watch_outcomes(settings, set(report.delivered), supervisor, timeout=args.timeout, progress=bar)
-        print_summary(tally, report.sent, time.monotonic() - started)
+        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s) and the sink "
+              f"running, logs in {logs}")
+        with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
+            stored = wait_until_stored(settings, report.delivered, supervisor, timeout=args.timeout, progress=bar)
+        print(f"{stored}/{report.sent} references stored in ClickHouse in {time.monotonic() - started:.1f}s\n")
+        cmd_report(argparse.Namespace(**vars(args), plot=None))
         if args.keep_running:
-            print("processors keep running; Ctrl-C stops them")
+            print("pipeline keeps running (Ctrl-C stops it); try `emofleet report` in another terminal")
             while True:
                 supervisor.check()
                 time.sleep(1)
-        return 0 if len(tally.settled) == report.sent and not failed else 1
+        return 0 if stored == report.sent and not failed else 1
     finally:
         supervisor.stop()
 
@@ -183,6 +185,57 @@ def cmd_process(args: argparse.Namespace) -> int:
         return run_processor(settings)
     except ModelLoadError as error:
         raise UserError(str(error), "`--model tiny` runs offline; a hub id needs network or a local copy") from None
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    from emofleet.sinks.service import run_sink
+
+    return run_sink(load_settings(args))
+
+
+def _query_runner(settings: cfg.Settings) -> tuple[Any, Callable[[], None]]:
+    """Through the process that owns the embedded chDB directory when one runs, else directly."""
+    from emofleet.sinks.query_server import direct_runner, owner_runner
+
+    dsn = settings.clickhouse_dsn
+    if dsn.startswith("chdb://") and (remote := owner_runner(settings.data_dir)) is not None:
+        return remote, lambda: None
+    if dsn.startswith("chdb://") and not Path(dsn.removeprefix("chdb://")).is_dir():
+        raise UserError(f"no ClickHouse data at {dsn}", "run `emofleet up` or `emofleet sink` first")
+    from emofleet.sinks.clickhouse import connect
+
+    client = connect(settings.clickhouse, dsn)
+    return direct_runner(client), client.close
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from emofleet.sinks.analytics import render_rows
+
+    settings = load_settings(args)
+    run, close = _query_runner(settings)
+    try:
+        rows = run(args.sql, {})
+    finally:
+        close()
+    print(render_rows(rows, args.format))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from emofleet.sinks.analytics import build_report, format_report, plot_report
+
+    settings = load_settings(args)
+    run, close = _query_runner(settings)
+    try:
+        report = build_report(run, settings.clickhouse.database, since=None)
+    finally:
+        close()
+    print(format_report(report))
+    if args.plot:
+        plot_report(report, Path(args.plot))
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def _configure_logging(level: str) -> None:
@@ -264,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--group-instance-id", dest="kafka__group_instance_id",
                          help="static membership id (keeps partitions across quick restarts)")
     process.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    sink = command("sink", cmd_sink, "write emotion events and dead letters into ClickHouse, effectively once")
+    sink.add_argument("--dsn", dest="clickhouse__dsn",
+                      help="chdb:///path or http(s)://host:port (default: chDB under the data dir)")
+    sink.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    query = command("query", cmd_query, "run a read-only SQL query against the analytics tables")
+    query.add_argument("sql", help='e.g. "SELECT label, count() FROM emofleet.emotion_events GROUP BY label"')
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument("--dsn", dest="clickhouse__dsn", help="ClickHouse DSN (default: chDB under the data dir)")
+
+    report = command("report", cmd_report, "print the analytics report (distribution, timeline, dead letters, ...)")
+    report.add_argument("--plot", metavar="FILE.png", help="also draw the report as a PNG")
+    report.add_argument("--dsn", dest="clickhouse__dsn", help="ClickHouse DSN (default: chDB under the data dir)")
 
     command("config", cmd_config, "print the effective settings (secrets masked)")
     return parser

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 import subprocess
@@ -11,41 +10,42 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emofleet.sinks.query_server import QueryRunner
 from emofleet.streams.config import Settings, to_env
 
 
 @dataclass
 class Supervisor:
-    """Keeps N copies of a command running; restarts any that exit until stopped."""
+    """Keeps named child processes running; restarts any that exit until stopped."""
 
-    command: list[str]
-    count: int
+    commands: dict[str, list[str]]
     env: dict[str, str]
     log_dir: Path
-    children: list[subprocess.Popen] = field(default_factory=list)
+    children: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: int = 0
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.children = [self._spawn(i) for i in range(self.count)]
+        self.children = {name: self._spawn(name) for name in self.commands}
 
-    def _spawn(self, index: int) -> subprocess.Popen:
-        log = open(self.log_dir / f"processor-{index}.log", "ab")  # noqa: SIM115 - lives as long as the child
-        return subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+    def _spawn(self, name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        return subprocess.Popen(self.commands[name], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
 
     def check(self) -> None:
-        for index, child in enumerate(self.children):
+        for name, child in self.children.items():
             if child.poll() is not None:
                 self.restarts += 1
-                self.children[index] = self._spawn(index)
+                self.children[name] = self._spawn(name)
 
     def stop(self, timeout: float = 30.0) -> None:
-        for child in self.children:
+        """SIGTERM all (processors finish their batch, the sink flushes), then wait; kill stragglers."""
+        for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for child in self.children:
+        for child in self.children.values():
             try:
                 child.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -58,71 +58,54 @@ def child_env(settings: Settings) -> dict[str, str]:
     return dict(os.environ) | to_env(settings)
 
 
-def processor_command() -> list[str]:
-    return [sys.executable, "-m", "emofleet.cli", "process"]
+def pipeline_commands(processors: int) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "emofleet.cli"]
+    return {f"processor-{i}": [*cli, "process"] for i in range(processors)} | {"sink": [*cli, "sink"]}
 
 
-@dataclass
-class Tally:
-    """Where each enqueued reference ended up, counted once per source message."""
-
-    wanted: set[tuple[int, int]]
-    settled: set[tuple[int, int]] = field(default_factory=set)
-    labels: collections.Counter[str] = field(default_factory=collections.Counter)
-    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
-    cache_hits: int = 0
-
-    def add_event(self, event: dict) -> None:
-        key = (event["source_partition"], event["source_offset"])
-        if event["segment_index"] == -1 and key in self.wanted and key not in self.settled:
-            self.settled.add(key)
-            self.labels[event["label"]] += 1
-            self.cache_hits += event["cache_hit"]
-
-    def add_dead_letter(self, record: dict) -> None:
-        key = (record["source_partition"], record["source_offset"])
-        if key in self.wanted and key not in self.settled:
-            self.settled.add(key)
-            self.reasons[record["reason"]] += 1
+def offset_ranges(delivered: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
+    """Per partition: (lowest offset, highest offset, count) of the references this run enqueued."""
+    ranges: dict[int, tuple[int, int, int]] = {}
+    for partition, offset in delivered:
+        low, high, count = ranges.get(partition, (offset, offset, 0))
+        ranges[partition] = (min(low, offset), max(high, offset), count + 1)
+    return ranges
 
 
-def watch_outcomes(settings: Settings, wanted: set[tuple[int, int]], supervisor: Supervisor, *,
-                   timeout: float, progress: object) -> Tally:
-    """Count results and dead letters for the ``wanted`` (partition, offset) references until all settled."""
-    from confluent_kafka import Consumer, TopicPartition
+def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int, tuple[int, int, int]]) -> int:
+    """How many of this run's references have a whole-clip row or a dead-letter row in ClickHouse."""
+    if not ranges:
+        return 0
+    spans = " OR ".join(f"(source_partition = {int(p)} AND source_offset BETWEEN {int(lo)} AND {int(hi)})"
+                        for p, (lo, hi, _) in ranges.items())
+    database = settings.clickhouse.database
+    rows = run(
+        f"SELECT source_partition AS partition, uniqExact(source_offset) AS settled FROM ("
+        f" SELECT source_partition, source_offset FROM {database}.emotion_events"
+        f"  WHERE source_topic = {{topic:String}} AND segment_index = -1 AND ({spans})"
+        f" UNION ALL SELECT source_partition, source_offset FROM {database}.dead_letters"
+        f"  WHERE source_topic = {{topic:String}} AND ({spans})) GROUP BY source_partition",
+        {"topic": settings.kafka.audio_topic})
+    return sum(min(int(r["settled"]), ranges[int(r["partition"])][2]) for r in rows)
 
-    from emofleet.schemas.codec import make_codec
 
-    codec = make_codec(settings.kafka.schema_registry_url)
-    consumer = Consumer(settings.kafka.client_config() | {"group.id": f"emofleet-up-{os.getpid()}",
-                                                          "enable.auto.commit": False})
-    metadata = consumer.list_topics(timeout=10)
-    topics = (settings.kafka.results_topic, settings.kafka.dead_letter_topic)
-    consumer.assign([TopicPartition(t, p, 0) for t in topics for p in metadata.topics[t].partitions])
-    tally = Tally(wanted)
+def wait_until_stored(settings: Settings, delivered: list[tuple[int, int]], supervisor: Supervisor, *,
+                      timeout: float, progress: object) -> int:
+    """Follow ClickHouse (through the sink's query server) until every reference is stored."""
+    from emofleet.sinks.query_server import RemoteQueryError, owner_runner
+
+    ranges = offset_ranges(delivered)
     deadline = time.monotonic() + timeout
-    try:
-        while len(tally.settled) < len(wanted) and time.monotonic() < deadline:
-            before = len(tally.settled)
-            for message in consumer.consume(500, timeout=0.5):
-                if message.error():
-                    continue
-                if message.topic() == settings.kafka.results_topic:
-                    tally.add_event(codec.decode("emotion_event", message.value(), topic=message.topic()))
-                else:
-                    tally.add_dead_letter(codec.decode("dead_letter", message.value(), topic=message.topic()))
-            progress.update(len(tally.settled) - before)  # type: ignore[attr-defined]
-            supervisor.check()
-    finally:
-        consumer.close()
-    return tally
-
-
-def print_summary(tally: Tally, expected: int, seconds: float) -> None:
-    processed = sum(tally.labels.values())
-    print(f"\n{len(tally.settled)}/{expected} references settled in {seconds:.1f}s: "
-          f"{processed} analysed ({tally.cache_hits} from cache), {sum(tally.reasons.values())} dead-lettered")
-    for label, count in tally.labels.most_common():
-        print(f"  {label:<10} {count:>6}  {100 * count / max(processed, 1):5.1f}%")
-    for reason, count in tally.reasons.most_common():
-        print(f"  dead letter: {reason:<22} {count:>6}")
+    settled = 0
+    while settled < len(delivered) and time.monotonic() < deadline:
+        supervisor.check()
+        run = owner_runner(settings.data_dir)
+        if run is not None:
+            try:
+                now = settled_in_clickhouse(run, settings, ranges)
+            except RemoteQueryError:
+                now = settled  # the sink is still migrating or restarting
+            progress.update(now - settled)  # type: ignore[attr-defined]
+            settled = now
+        time.sleep(0.5)  # progress polling cadence
+    return settled

@@ -7,6 +7,8 @@ large model's per-layer shapes but 2 blocks stands in, and EMOFLEET_TEST_LARGE=1
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import shutil
 import time
@@ -15,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from emofleet.processors.model import (
     EMOTIONS,
     EmotionModel,
@@ -24,7 +25,12 @@ from emofleet.processors.model import (
     build_tiny_model,
     load_model,
 )
-from emofleet.processors.tiny_model import LARGE_CONFIG, build_random_model, emotion2vec_config
+from emofleet.processors.tiny_model import (
+    LARGE_CONFIG,
+    TINY_CONFIG,
+    build_random_model,
+    emotion2vec_config,
+)
 from emofleet.streams.config import ModelSettings
 
 SR = 16_000
@@ -115,7 +121,7 @@ def test_batched_equals_reference_in_any_order(tiny: EmotionModel) -> None:
     clips = _clips([1.0, 4.2, 0.03, 2.5])
     forward = tiny.predict(clips, embeddings=True)
     backward = tiny.predict(clips[::-1], embeddings=True)[::-1]
-    for a, b in zip(forward, backward):
+    for a, b in zip(forward, backward, strict=True):
         assert np.abs(a.scores - b.scores).max() <= SCORE_TOL
 
 
@@ -127,6 +133,20 @@ def test_mid_size_large_structure_equals_reference(tmp_path_factory: pytest.Temp
     model = load_model(ModelSettings(model=str(directory)))
     assert model.embedding_dim == 1024
     _assert_matches_reference(model, _clips([0.5, 3.1, 1.7, 0.05], seed=2))
+
+
+def test_config_variants_equal_reference(tmp_path: Path) -> None:
+    # Branches the emotion2vec+ configs do not use but funasr supports: per-layer ALiBi scales,
+    # pre-LN positional encoder, group-norm ("default") extractor, no waveform normalisation.
+    config = copy.deepcopy(TINY_CONFIG)
+    audio = config["model_conf"]["modalities"]["audio"]
+    audio.update(learned_alibi_scale_per_layer=True, conv_pos_pre_ln=True, extractor_mode="default")
+    config["model_conf"]["normalize"] = False
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    model = load_model(ModelSettings(model=str(build_random_model(tmp_path / "variant", config))))
+    assert root.handlers == handlers  # funasr's import-time logging setup was undone
+    _assert_matches_reference(model, _clips([0.03, 0.5, 3.3, 7.7], seed=6))
 
 
 @pytest.mark.skipif(os.environ.get("EMOFLEET_TEST_LARGE") != "1", reason="set EMOFLEET_TEST_LARGE=1")
@@ -141,7 +161,7 @@ def test_frame_granularity(tiny: EmotionModel) -> None:
     clips = _clips([0.5, 2.0, 1.23])
     preds = tiny.predict(clips, granularity="frame", embeddings=True)
     proj = tiny._module.proj  # noqa: SLF001 - compare against funasr's own frame features
-    for clip, p in zip(clips, preds):
+    for clip, p in zip(clips, preds, strict=True):
         assert p.frame_scores is not None and p.frame_scores.shape == (tiny.frames(len(clip)), 9)
         assert np.allclose(p.frame_scores.sum(axis=1), 1.0, atol=1e-5)
         assert p.embedding is not None and p.embedding.shape == (64,)
@@ -247,6 +267,8 @@ def test_offline_hub_id_fails_fast(hub: str, monkeypatch: pytest.MonkeyPatch) ->
     [
         (dict(device="tpu"), "device"),
         (dict(precision="fp8"), "precision"),
+        (dict(granularity="word"), "granularity"),
+        (dict(threads=-1), "threads"),
         (dict(hub="github", model="iic/emotion2vec_plus_large"), "hub"),
         (dict(model="/no/such/dir"), "not a directory"),
     ],
@@ -266,9 +288,18 @@ def test_cpu_precisions(cache_dir: Path) -> None:
         load_model(ModelSettings(model="tiny", precision="fp16"), cache_dir=cache_dir)
     for precision in ("bf16", "int8"):
         model = load_model(ModelSettings(model="tiny", precision=precision), cache_dir=cache_dir)
-        for a, b in zip(model.predict(clips), fp32):
+        for a, b in zip(model.predict(clips), fp32, strict=True):
             assert abs(float(a.scores.sum()) - 1) < 1e-4
             assert np.abs(a.scores - b.scores).max() < 0.2  # loose: a 30x-scaled random head
+
+
+def test_fp32_conv_pin_is_scoped() -> None:
+    from emofleet.processors.model import _ieee_fp32_convs
+
+    before = torch.backends.cudnn.conv.fp32_precision
+    with _ieee_fp32_convs(True):
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cudnn.conv.fp32_precision == before
 
 
 @pytest.mark.gpu
@@ -281,5 +312,5 @@ def test_cuda(precision: str, cache_dir: Path) -> None:
     if precision == "fp32":
         _assert_matches_reference(model, clips)
     cpu = load_model(ModelSettings(model="tiny", device="cpu"), cache_dir=cache_dir)
-    for a, b in zip(model.predict(clips), cpu.predict(clips)):
+    for a, b in zip(model.predict(clips), cpu.predict(clips), strict=True):
         assert np.abs(a.scores - b.scores).max() < (1e-4 if precision == "fp32" else 0.2)

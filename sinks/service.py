@@ -1,0 +1,319 @@
+"""`emofleet sink`: results and dead letters from Kafka into ClickHouse, effectively once.
+
+- Batches by rows (``batch_rows``) and time (``batch_seconds``); one insert per table per flush.
+- Offsets are committed only after ClickHouse acknowledged the insert.
+- Each insert carries an ``insert_deduplication_token`` derived from the offset ranges it covers, so a
+  retried insert (timeout after the server wrote it) is dropped by ClickHouse.
+- Every row records its own Kafka position (``kafka_topic/partition/offset``). When a partition is
+  assigned, the sink reads the highest position already stored for it and skips messages up to
+  there: a crash between insert and commit replays them, and they are not inserted again. A
+  partition's rows are inserted in offset order and a batch is retried until it lands, so what is
+  stored is always a prefix.
+- ClickHouse down or an insert failing: retry with backoff, consumption paused, polling continues
+  (so the group keeps the member), nothing committed, nothing lost.
+- A record that does not decode goes to the dead-letter topic (from the results topic) or into the
+  dead_letters table as a raw row (from the dead-letter topic itself), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from emofleet.schemas.codec import Codec, SchemaError
+from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
+from emofleet.streams.config import Settings
+from emofleet.streams.consumer import consumer_config
+from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
+
+log = logging.getLogger(__name__)
+
+EVENTS_TABLE = "emotion_events"
+DEAD_LETTERS_TABLE = "dead_letters"
+MAX_BACKOFF_SECONDS = 10.0
+
+
+@dataclass
+class PartitionRows:
+    first: int
+    last: int
+    rows: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """Rows waiting for one flush, per source partition, with the offset range each covers."""
+
+    partitions: dict[tuple[str, int], PartitionRows] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    rows: int = 0
+    inserted_topics: set[str] = field(default_factory=set)  # inserts that already landed
+
+    def add(self, topic: str, partition: int, offset: int, row: list[Any] | None) -> None:
+        """Record a position; ``row`` None means "nothing to insert" (a replay already stored)."""
+        entry = self.partitions.setdefault((topic, partition), PartitionRows(offset, offset))
+        entry.last = offset
+        if row is not None:
+            entry.rows.append(row)
+            self.rows += 1
+
+    def rows_for(self, topic: str) -> list[list[Any]]:
+        return [row for (t, _), entry in sorted(self.partitions.items()) if t == topic for row in entry.rows]
+
+    def without(self, gone: set[tuple[str, int]]) -> Batch:
+        kept = {tp: entry for tp, entry in self.partitions.items() if tp not in gone}
+        return Batch(kept, self.started, sum(len(e.rows) for e in kept.values()), self.inserted_topics)
+
+    def token(self, topic: str) -> str:
+        """Deterministic for the same offset ranges: a retried insert gets the same token."""
+        spans = ",".join(f"{t}:{p}:{e.first}-{e.last}" for (t, p), e in sorted(self.partitions.items()) if t == topic)
+        return hashlib.sha256(spans.encode()).hexdigest()[:32]
+
+
+@dataclass
+class SinkStats:
+    inserted_events: int = 0
+    inserted_dead_letters: int = 0
+    skipped_replays: int = 0
+    insert_failures: int = 0
+    flushes: int = 0
+
+
+class ClickHouseSink:
+    def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
+                 before_commit: Callable[[], None] | None = None) -> None:
+        self._settings = settings
+        self._client = client
+        self._lock = client_lock or threading.Lock()
+        self._codec = codec
+        self._before_commit = before_commit  # test hook: a crash between insert and commit
+        kafka = settings.kafka
+        self._topics = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE}
+        self._consumer = Consumer(consumer_config(kafka, kafka.sink_group))
+        self._producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+        self._batch = Batch()
+        self._resume_after: dict[tuple[str, int], int] = {}
+        self._stop = threading.Event()
+        self._failed = False
+        self.stats = SinkStats()
+        self.assigned: set[tuple[str, int]] = set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        self._consumer.subscribe(list(self._topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        try:
+            while not self._stop.is_set():
+                for message in self._consumer.consume(num_messages=5_000, timeout=0.1):
+                    self._accept(message)
+                    if self._batch.rows >= self._settings.clickhouse.batch_rows:
+                        self._flush_until_done()
+                if self._due():
+                    self._flush_until_done()
+            self._flush_until_done()
+        except BaseException:
+            self._failed = True  # commit nothing more: the next owner replays and skips what is stored
+            raise
+        finally:
+            self._producer.flush(10)
+            self._consumer.close()
+
+    # ------------------------------------------------------------ batching
+
+    def _due(self) -> bool:
+        batch = self._batch
+        limits = self._settings.clickhouse
+        return bool(batch.partitions) and (batch.rows >= limits.batch_rows
+                                           or time.monotonic() - batch.started >= limits.batch_seconds)
+
+    def _accept(self, message: Message) -> None:
+        if (error := message.error()) is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", error.str())
+            return
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if offset <= self._resume_after.get((topic, partition), -1):
+            self.stats.skipped_replays += 1  # already stored before a crash; see module docstring
+            self._batch.add(topic, partition, offset, None)
+            return
+        self._batch.add(topic, partition, offset, self._row(message, datetime.now(UTC)))
+
+    def _row(self, message: Message, now: datetime) -> list[Any] | None:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if self._topics[topic] == EVENTS_TABLE:
+            try:
+                event = self._codec.decode("emotion_event", message.value() or b"", topic=topic)
+            except SchemaError as error:
+                self._dead_letter_malformed(message, error)
+                return None
+            return event_row(event, topic, partition, offset, now)
+        try:
+            record = self._codec.decode("dead_letter", message.value() or b"", topic=topic)
+        except SchemaError as error:
+            record = self._malformed_record(message, error)
+        return dead_letter_row(record, topic, partition, offset, now)
+
+    def _malformed_record(self, message: Message, error: SchemaError) -> dict[str, Any]:
+        return dead_letter(key=message.key(), payload=message.value() or b"", headers=message.headers(),
+                           lineage=Lineage(message.topic(), message.partition(), message.offset()),
+                           failure=Failure(error.reason, "sink", type(error).__name__, str(error)),
+                           reference=None, processor="sink", failed_at_ms=int(time.time() * 1000))
+
+    def _dead_letter_malformed(self, message: Message, error: SchemaError) -> None:
+        record = self._malformed_record(message, error)
+        topic = self._settings.kafka.dead_letter_topic
+        self._producer.produce(topic, key=message.key(), value=self._codec.encode("dead_letter", record, topic=topic))
+        log.warning("malformed event at %s[%d]@%d sent to %s", message.topic(), message.partition(),
+                    message.offset(), topic)
+
+    # ------------------------------------------------------------ flushing
+
+    def _flush_until_done(self) -> None:
+        """Insert the batch, retrying with backoff while paused-but-polling; then commit."""
+        if not self._batch.partitions:
+            return
+        delay = 0.2
+        paused = False
+        while True:
+            try:
+                self._insert(self._batch)
+                break
+            except Exception as error:
+                self.stats.insert_failures += 1
+                log.warning("ClickHouse insert of %d rows failed (%s: %s); retrying in %.1fs",
+                            self._batch.rows, type(error).__name__, str(error)[:200], delay)
+                if not paused:
+                    self._consumer.pause(self._consumer.assignment())
+                    paused = True
+                self._wait_polling(delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+        if self._producer.flush(30) > 0:
+            raise RuntimeError("dead letters for malformed events could not be delivered")
+        if self._before_commit:
+            self._before_commit()
+        self._commit(self._batch)
+        if paused:
+            self._consumer.resume(self._consumer.assignment())
+        self.stats.flushes += 1
+        self._batch = Batch()
+
+    def _wait_polling(self, seconds: float) -> None:
+        """Keep the member alive in the group while waiting (paused partitions return nothing)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stop.is_set():
+            for message in self._consumer.consume(num_messages=100, timeout=min(0.1, seconds)):
+                self._accept(message)  # fetched before the pause took effect; kept in the batch
+
+    def _insert(self, batch: Batch) -> None:
+        for topic, table in self._topics.items():
+            rows = batch.rows_for(topic)
+            if not rows or topic in batch.inserted_topics:
+                continue
+            columns = EVENT_COLUMNS if table == EVENTS_TABLE else DEAD_LETTER_COLUMNS
+            with self._lock:
+                self._client.insert(table, rows, column_names=list(columns),
+                                    database=self._settings.clickhouse.database,
+                                    settings={"insert_deduplication_token": batch.token(topic)})
+            batch.inserted_topics.add(topic)
+            if table == EVENTS_TABLE:
+                self.stats.inserted_events += len(rows)
+            else:
+                self.stats.inserted_dead_letters += len(rows)
+
+    def _commit(self, batch: Batch) -> None:
+        offsets = [TopicPartition(t, p, entry.last + 1) for (t, p), entry in batch.partitions.items()
+                   if (t, p) in self.assigned]
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+
+    # ------------------------------------------------------------ rebalancing
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        for tp in partitions:
+            stored = self._highest_stored(tp.topic, tp.partition)
+            if stored is not None:
+                self._resume_after[(tp.topic, tp.partition)] = stored
+
+    def _highest_stored(self, topic: str, partition: int) -> int | None:
+        table = self._topics[topic]
+        with self._lock:
+            result = self._client.query(
+                f"SELECT max(kafka_offset), count() FROM {self._settings.clickhouse.database}.{table} "
+                "WHERE kafka_topic = {topic:String} AND kafka_partition = {partition:UInt16}",
+                parameters={"topic": topic, "partition": partition})
+        highest, count = result.result_rows[0]
+        return int(highest) if count else None
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Flush so the next owner starts after our rows; if ClickHouse is down, hand the revoked
+        partitions' rows back uninserted (the next owner replays them) and keep the rest."""
+        if self._failed:
+            self._forget(partitions)
+            return
+        try:
+            self._insert(self._batch)
+            self._producer.flush(10)
+            self._commit(self._batch)
+            self._batch = Batch()
+        except Exception as error:
+            log.warning("flush on revoke failed (%s); the next owner replays the revoked partitions", error)
+            self._batch = self._batch.without({(p.topic, p.partition) for p in partitions})
+        self._forget(partitions)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._batch = self._batch.without({(p.topic, p.partition) for p in partitions})
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.assigned -= gone
+        for tp in gone:
+            self._resume_after.pop(tp, None)
+
+
+def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = None) -> int:
+    """Migrate, check for drift, serve read-only queries when we own a chDB directory, consume until
+    SIGTERM/SIGINT, flush and commit, exit 0."""
+    import signal
+
+    from emofleet.schemas.codec import make_codec
+    from emofleet.sinks.clickhouse import connect
+    from emofleet.sinks.query_server import QueryServer, direct_runner
+    from emofleet.sinks.schema import check_drift, migrate
+
+    client = connect(settings.clickhouse, settings.clickhouse_dsn)
+    applied = migrate(client, settings.clickhouse.database)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    check_drift(client, settings.clickhouse.database)
+    lock = threading.Lock()
+    server = None
+    if settings.clickhouse_dsn.startswith("chdb://"):
+        server = QueryServer(direct_runner(client, lock), settings.data_dir)
+        server.start()
+    sink = ClickHouseSink(settings, client, make_codec(settings.kafka.schema_registry_url), client_lock=lock,
+                          before_commit=before_commit)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: sink.stop())
+    log.info("sink: %s + %s -> %s", settings.kafka.results_topic, settings.kafka.dead_letter_topic,
+             settings.clickhouse.database)
+    try:
+        sink.run()
+    finally:
+        if server:
+            server.stop()
+        client.close()
+    return 0
