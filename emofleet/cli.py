@@ -173,7 +173,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
-    from emofleet.processors.model import ModelLoadError
     from emofleet.processors.service import run_processor
 
     settings = load_settings(args)
@@ -181,10 +180,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         logging.getLogger("emofleet").warning(
             "no file roots configured: file:// references will be dead-lettered (set EMOFLEET_AUDIO_FILE_ROOTS "
             "or --file-root)")
-    try:
-        return run_processor(settings)
-    except ModelLoadError as error:
-        raise UserError(str(error), "`--model tiny` runs offline; a hub id needs network or a local copy") from None
+    return run_processor(settings)
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -361,6 +357,10 @@ def _user_message(error: Exception) -> tuple[str | None, str]:
         return str(error), "see `emofleet config` for the effective settings"
     if isinstance(error, StackError):
         return str(error), "`emofleet stack status` shows what runs"
+    if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError", "RemoteQueryError"}:
+        return str(error), getattr(error, "hint", "") or "check the DSN (`emofleet config`) and that the sink runs"
+    if type(error).__name__ == "ModelLoadError":
+        return str(error), "`--model tiny` runs offline; a hub id needs network or a local copy"
     if type(error).__name__ == "KafkaException":
         return f"Kafka: {error.args[0].str() if error.args else error}", \
             "is the broker up? `emofleet stack start` runs the embedded one"

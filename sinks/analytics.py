@@ -296,6 +296,7 @@ def plot_report(report: Report, path: Path) -> Path:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -330,6 +331,9 @@ def plot_report(report: Report, path: Path) -> Path:
         _no_data(ax_tp)
     for ax in (ax_time, ax_tp):
         ax.tick_params(axis="x", rotation=30)
+        ax.set_xlabel("UTC")
+    for ax in (ax_dist, ax_time, ax_dead):  # counts; throughput per minute may be fractional
+        (ax.xaxis if ax is ax_dead else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
 
     ax_dead.set_title("Dead letters by reason / stage")
     if report.dead_letters:
@@ -356,7 +360,8 @@ FORMATS = ("table", "csv", "json")
 
 
 def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> str:
-    """Rows (dicts) as an aligned text ``table``, ``csv`` (header + rows) or ``json`` (one array).
+    """Rows (dicts) as an aligned text ``table``, ``csv`` (header + rows) or ``json`` (one array), without a
+    trailing newline (``print()`` it).
 
     Datetimes are ISO 8601, bytes are decoded as UTF-8 (invalid bytes escaped), NaN/inf become null in
     JSON. Columns are the keys of the rows in first-seen order.
@@ -366,7 +371,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> str:
     columns: list[str] = list(dict.fromkeys(key for row in rows for key in row))
     if fmt == "json":
         return json.dumps([{k: _json_value(row.get(k)) for k in columns} for row in rows],
-                          ensure_ascii=False, indent=None) + "\n"
+                          ensure_ascii=False, indent=None)
     if fmt == "csv":
         if not columns:
             return ""
@@ -375,13 +380,13 @@ def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> str:
         writer.writerow(columns)
         for row in rows:
             writer.writerow([_csv_value(row.get(k)) for k in columns])
-        return buffer.getvalue()
+        return buffer.getvalue().removesuffix("\n")
     if not columns:
-        return "(0 rows)\n"
+        return "(0 rows)"
     table = [[_table_value(row.get(k)) for k in columns] for row in rows]
     lines = _text_table(columns, table)
     lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _table_value(value: Any) -> str:

@@ -274,8 +274,8 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, OperationalError):
         return True  # transport failures without a server error code
-    if isinstance(exc, OSError):
-        return True
+    if isinstance(exc, socket.gaierror):
+        return True  # DNS failure: often a blip, and the DSN was already accepted once
     cause = exc.__cause__ or exc.__context__
     return is_transient(cause) if cause is not None and cause is not exc else False
 

@@ -29,15 +29,15 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from emofleet.schemas.codec import Codec, SchemaError
+from emofleet.sinks.clickhouse import dedup_settings
 from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
+from emofleet.sinks.schema import DEAD_LETTERS_TABLE, EVENTS_TABLE, last_offsets
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import consumer_config
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
 
 log = logging.getLogger(__name__)
 
-EVENTS_TABLE = "emotion_events"
-DEAD_LETTERS_TABLE = "dead_letters"
 MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -225,7 +225,7 @@ class ClickHouseSink:
             with self._lock:
                 self._client.insert(table, rows, column_names=list(columns),
                                     database=self._settings.clickhouse.database,
-                                    settings={"insert_deduplication_token": batch.token(topic)})
+                                    settings=dedup_settings(batch.token(topic)))
             batch.inserted_topics.add(topic)
             if table == EVENTS_TABLE:
                 self.stats.inserted_events += len(rows)
@@ -240,22 +240,14 @@ class ClickHouseSink:
 
     # ------------------------------------------------------------ rebalancing
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
-        for tp in partitions:
-            stored = self._highest_stored(tp.topic, tp.partition)
-            if stored is not None:
-                self._resume_after[(tp.topic, tp.partition)] = stored
-
-    def _highest_stored(self, topic: str, partition: int) -> int | None:
-        table = self._topics[topic]
-        with self._lock:
-            result = self._client.query(
-                f"SELECT max(kafka_offset), count() FROM {self._settings.clickhouse.database}.{table} "
-                "WHERE kafka_topic = {topic:String} AND kafka_partition = {partition:UInt16}",
-                parameters={"topic": topic, "partition": partition})
-        highest, count = result.result_rows[0]
-        return int(highest) if count else None
+        for topic in {p.topic for p in partitions}:
+            with self._lock:
+                stored = last_offsets(self._client, self._settings.clickhouse.database, self._topics[topic], topic)
+            for p in partitions:
+                if p.topic == topic and p.partition in stored:
+                    self._resume_after[(topic, p.partition)] = stored[p.partition]
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush so the next owner starts after our rows; if ClickHouse is down, hand the revoked
