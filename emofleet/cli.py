@@ -357,7 +357,9 @@ def _user_message(error: Exception) -> tuple[str | None, str]:
         return str(error), "see `emofleet config` for the effective settings"
     if isinstance(error, StackError):
         return str(error), "`emofleet stack status` shows what runs"
-    if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError", "RemoteQueryError"}:
+    if type(error).__name__ == "QueryError":
+        return str(error), "queries are read-only; tables: emotion_events, dead_letters, emotion_minutes, emotion_frames"
+    if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError"}:
         return str(error), getattr(error, "hint", "") or "check the DSN (`emofleet config`) and that the sink runs"
     if type(error).__name__ == "ModelLoadError":
         return str(error), "`--model tiny` runs offline; a hub id needs network or a local copy"

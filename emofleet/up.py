@@ -92,7 +92,7 @@ def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int
 def wait_until_stored(settings: Settings, delivered: list[tuple[int, int]], supervisor: Supervisor, *,
                       timeout: float, progress: object) -> int:
     """Follow ClickHouse (through the sink's query server) until every reference is stored."""
-    from emofleet.sinks.query_server import RemoteQueryError, owner_runner
+    from emofleet.sinks.query_server import QueryError, owner_runner
 
     ranges = offset_ranges(delivered)
     deadline = time.monotonic() + timeout
@@ -103,7 +103,7 @@ def wait_until_stored(settings: Settings, delivered: list[tuple[int, int]], supe
         if run is not None:
             try:
                 now = settled_in_clickhouse(run, settings, ranges)
-            except RemoteQueryError:
+            except QueryError:
                 now = settled  # the sink is still migrating or restarting
             progress.update(now - settled)  # type: ignore[attr-defined]
             settled = now

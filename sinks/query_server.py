@@ -26,8 +26,8 @@ MAX_REQUEST_BYTES = 1 << 20
 QueryRunner = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 
 
-class RemoteQueryError(RuntimeError):
-    """The owning process refused or failed the query; the message is the server's."""
+class QueryError(RuntimeError):
+    """A query failed or was refused; the message is ClickHouse's first line."""
 
 
 def direct_runner(client: Any, lock: threading.Lock | None = None, *, readonly: bool = True) -> QueryRunner:
@@ -36,11 +36,19 @@ def direct_runner(client: Any, lock: threading.Lock | None = None, *, readonly: 
     settings = {"readonly": 1} if readonly else {}
 
     def run(sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
-        with guard:
-            result = client.query(sql, parameters=parameters or None, settings=settings)
+        try:
+            with guard:
+                result = client.query(sql, parameters=parameters or None, settings=settings)
+        except Exception as error:
+            raise QueryError(_first_line(error)) from None
         return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
     return run
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:500]
 
 
 def _json_value(value: Any) -> Any:
@@ -97,7 +105,7 @@ class QueryServer:
                     request = json.loads(self.rfile.read(length))
                     rows = run(str(request["sql"]), dict(request.get("parameters") or {}))
                 except Exception as error:  # the client shows the server's one-line reason
-                    return self._reply(400, {"error": str(error).strip().splitlines()[0][:500]})
+                    return self._reply(400, {"error": _first_line(error)})
                 self._reply(200, {"rows": _json_value(rows)})
 
             def _reply(self, status: int, body: dict[str, Any]) -> None:
@@ -130,8 +138,8 @@ def owner_runner(data_dir: Path, timeout: float = 300.0) -> QueryRunner | None:
             with urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URL built above
                 return list(json.loads(response.read())["rows"])
         except HTTPError as error:
-            raise RemoteQueryError(json.loads(error.read() or b"{}").get("error", str(error))) from None
+            raise QueryError(json.loads(error.read() or b"{}").get("error", str(error))) from None
         except URLError as error:
-            raise RemoteQueryError(f"the process owning {data_dir} did not answer: {error.reason}") from None
+            raise QueryError(f"the process owning {data_dir} did not answer: {error.reason}") from None
 
     return run

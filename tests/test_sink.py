@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events, prediction_from_scores
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.clickhouse import connect
-from emofleet.sinks.query_server import QueryServer, RemoteQueryError, direct_runner, owner_runner
+from emofleet.sinks.query_server import QueryServer, QueryError, direct_runner, owner_runner
 from emofleet.sinks.schema import migrate
 from emofleet.sinks.service import ClickHouseSink
 from emofleet.streams.config import Settings
@@ -129,7 +129,7 @@ def test_events_land_once_and_queries_route_through_the_owner(sink_settings: Set
         run = owner_runner(sink_settings.data_dir)
         assert run is not None, "the owner file points at the running sink"
         rows, ids = wait_rows(run, database, len(events))
-        with pytest.raises(RemoteQueryError, match="readonly"):
+        with pytest.raises(QueryError, match="readonly"):
             run(f"INSERT INTO {database}.emotion_events (event_id) VALUES ('x')", {})
 
     assert (rows, ids) == (500, 500)
