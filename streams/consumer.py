@@ -41,6 +41,14 @@ class Settled:
     finished: bool  # False: dropped unfinished (revoked or shutting down); never committed past
 
 
+@dataclass
+class LoopStats:
+    pauses: int = 0
+    peak_in_flight: int = 0
+    commits: int = 0
+    rebalances: int = 0
+
+
 class Reporter(Protocol):
     def __call__(self, tp: TP, offset: int, *, finished: bool) -> None: ...
 
@@ -94,7 +102,7 @@ class ConsumerLoop:
         self._last_commit = time.monotonic()
         self.strategy = strategy_factory(self._report, self.is_current)
         self.assigned: set[TP] = set()
-        self.rebalances = 0
+        self.stats = LoopStats()
 
     # ------------------------------------------------------------ called from worker threads
 
@@ -123,6 +131,8 @@ class ConsumerLoop:
             self._shutdown()
 
     def _poll_once(self) -> None:
+        # At the bound this still asks for one message: consume() is also what serves heartbeats and
+        # rebalance callbacks, and the partitions are paused by then, so at most prefetched ones come.
         room = max(1, self._batch.max_in_flight - self._tracker.in_flight())
         for message in self._consumer.consume(num_messages=min(room, 500), timeout=0.1):
             self._accept(message)
@@ -145,6 +155,7 @@ class ConsumerLoop:
         if generation is None:  # arrived for a partition revoked meanwhile
             return
         self._tracker.consumed(tp, message.offset())
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._tracker.in_flight())
         self.strategy.submit(message, generation)
 
     def _drain_settled(self, timeout: float = 0.0) -> None:
@@ -174,6 +185,7 @@ class ConsumerLoop:
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
         self._paused = paused
+        self.stats.pauses += paused
 
     @property
     def paused(self) -> bool:
@@ -195,11 +207,12 @@ class ConsumerLoop:
                 log.warning("commit failed (will retry): %s", error.args[0].str())
             return
         self._tracker.mark_committed(offsets)
+        self.stats.commits += 1
 
     # ------------------------------------------------------------ rebalance callbacks (poll thread)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.rebalances += 1
+        self.stats.rebalances += 1
         for partition in partitions:
             tp = (partition.topic, partition.partition)
             self._generation_counter += 1
@@ -216,7 +229,7 @@ class ConsumerLoop:
         self._release(partitions, commit=False)
 
     def _release(self, partitions: list[TopicPartition], *, commit: bool) -> None:
-        self.rebalances += 1
+        self.stats.rebalances += 1
         revoked = {(p.topic, p.partition) for p in partitions}
         for tp in revoked:
             self._generations.pop(tp, None)

@@ -22,6 +22,11 @@ class _PartitionOffsets:
     unsettled: int = 0
     next_commit: int | None = None
 
+    def awaiting(self, offset: int) -> bool:
+        """Consumed, and not yet reported (a second report of the same message is ignored)."""
+        return (bool(self.pending) and offset >= self.pending[0]
+                and offset not in self.finished and offset not in self.dropped)
+
     def advance(self) -> None:
         while self.pending and self.pending[0] in self.finished:
             offset = self.pending.popleft()
@@ -42,9 +47,7 @@ class OffsetTracker:
     def finished(self, tp: TopicPartition, offset: int) -> None:
         """The message's outputs are delivered. Unknown partitions (revoked meanwhile) are ignored."""
         state = self._partitions.get(tp)
-        if state is None or not state.pending or offset < state.pending[0]:
-            return
-        if offset not in state.dropped and offset not in state.finished:
+        if state is not None and state.awaiting(offset):
             state.finished.add(offset)
             state.unsettled -= 1
             state.advance()
@@ -52,7 +55,7 @@ class OffsetTracker:
     def dropped(self, tp: TopicPartition, offset: int) -> None:
         """The message was abandoned unfinished; it will be redelivered after the next assignment."""
         state = self._partitions.get(tp)
-        if state is not None and offset not in state.dropped and offset not in state.finished:
+        if state is not None and state.awaiting(offset):
             state.dropped.add(offset)
             state.unsettled -= 1
 

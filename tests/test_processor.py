@@ -156,3 +156,19 @@ def test_redis_down_processing_goes_on_without_the_cache(settings: Settings, tmp
     assert dead == [] and len(events) == len(references)
     assert processor.step.cache.stats.errors >= 1
     assert not any(e["cache_hit"] for e in events)
+
+
+def test_full_in_flight_work_pauses_fetching_and_resumes(settings: Settings, tmp_path: Path, tiny_model,
+                                                        redis_client) -> None:
+    settings = replace(settings, batch=replace(settings.batch, max_in_flight=6, max_clips=2),
+                       cache=replace(settings.cache, enabled=False))
+    create_topics(settings)
+    references = enqueue_uris(settings, sample_uris(tmp_path / "clips", 60, min_seconds=0.5, max_seconds=1))
+
+    with running_processor(settings, model=tiny_model) as processor:
+        events, dead = outcomes(settings, len(references))
+
+    assert dead == [] and len(events) == len(references)
+    assert processor.loop.stats.pauses >= 1, "the loop paused its partitions when work piled up"
+    assert processor.loop.stats.peak_in_flight <= 6 + settings.kafka.partitions, "memory stays bounded"
+    assert not processor.loop.paused or processor.loop.in_flight() == 0
