@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import random
 import socket
 import threading
@@ -439,8 +440,21 @@ def _undo_funasr_side_effects() -> Iterator[None]:
         np.random.set_state(saved[3])
 
 
+# The released emotion2vec+ configs build a pretraining decoder whose weights the checkpoints do not
+# ship (upstream emotion2vec issue #84: funasr warns "miss key in ckpt: modality_encoders.AUDIO.
+# decoder..."). Inference never runs it, so it is removed before the strict check and its keys, when
+# a checkpoint does carry them, are ignored. Every other tensor must match exactly.
+_PRETRAINING_ONLY = re.compile(r"^modality_encoders\.[^.]+\.decoder\.")
+
+
+def _drop_pretraining_modules(module: torch.nn.Module) -> None:
+    for encoder in getattr(module, "modality_encoders", {}).values():
+        encoder.remove_pretraining_modules(keep_decoder=False)
+
+
 def _load_weights_strict(module: torch.nn.Module, path: Path) -> None:
-    """Load ``path`` into ``module``; any missing/unexpected key or shape mismatch is an error."""
+    """Load ``path`` into ``module``; any missing/unexpected key or shape mismatch is an error
+    (pretraining-only decoder weights aside, see ``_PRETRAINING_ONLY``)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001
@@ -451,6 +465,8 @@ def _load_weights_strict(module: torch.nn.Module, path: Path) -> None:
             state = state[wrapper]
     if not isinstance(state, dict):
         raise ModelLoadError(f"{path} does not hold a state dict: re-download the model")
+    _drop_pretraining_modules(module)
+    state = {k: v for k, v in state.items() if not _PRETRAINING_ONLY.match(k)}
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -163,8 +163,8 @@ class InferenceStep:
         self._closing.set()
         with self._cond:
             self._cond.notify_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._worker.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # running fetches see _closing and drop
         self._producer.flush(timeout)
         with self._open_lock:
             unfinished = [i for i in self._open if i.outputs_pending == 0]
@@ -187,6 +187,9 @@ class InferenceStep:
         try:
             item.audio = self._load_with_retries(item.reference["uri"])
         except AudioError as error:
+            if self._closing.is_set() and not error.permanent:
+                self._drop([item])  # cut short by shutdown, not a verdict on the message
+                return
             self._dead_letter(item, Failure(error.reason, "audio", type(error).__name__, str(error),
                                             attempts=getattr(error, "attempts", 1)))
             return
@@ -196,6 +199,9 @@ class InferenceStep:
             return
         finally:
             self.times.add("fetch_decode", time.monotonic() - started)
+        if self._closing.is_set():
+            self._drop([item])
+            return
         with self._cond:
             while self._ready_seconds > self._ready_limit and not self._closing.is_set():
                 self._cond.wait(0.5)

@@ -149,12 +149,14 @@ def test_config_variants_equal_reference(tmp_path: Path) -> None:
     _assert_matches_reference(model, _clips([0.03, 0.5, 3.3, 7.7], seed=6))
 
 
-@pytest.mark.skipif(os.environ.get("EMOFLEET_TEST_LARGE") != "1", reason="set EMOFLEET_TEST_LARGE=1")
+@pytest.mark.slow
 def test_large_shape_equals_reference(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The full emotion2vec_plus_large shape (random weights); mixed lengths kept short for CPU time,
+    the mid-size test above covers 30 s clips."""
     directory = build_random_model(tmp_path_factory.mktemp("large") / "large", LARGE_CONFIG)
     model = load_model(ModelSettings(model=str(directory)))
     assert model.embedding_dim == 1024
-    _assert_matches_reference(model, _clips([0.5, 12.3, 4.4, 30.0], seed=4))
+    _assert_matches_reference(model, _clips([0.5, 6.3, 2.2, 9.0], seed=4))
 
 
 def test_frame_granularity(tiny: EmotionModel) -> None:
@@ -314,3 +316,27 @@ def test_cuda(precision: str, cache_dir: Path) -> None:
     cpu = load_model(ModelSettings(model="tiny", device="cpu"), cache_dir=cache_dir)
     for a, b in zip(model.predict(clips), cpu.predict(clips), strict=True):
         assert np.abs(a.scores - b.scores).max() < (1e-4 if precision == "fp32" else 0.2)
+
+
+@pytest.mark.parametrize("checkpoint_has_decoder", [False, True])
+def test_pretraining_decoder_is_neither_required_nor_used(tmp_path: Path, checkpoint_has_decoder: bool) -> None:
+    """The released configs build a pretraining decoder the checkpoints do not ship (upstream
+    emotion2vec issue #84); such a model must load, and a checkpoint that carries it must too."""
+    import copy
+
+    from emofleet.processors.tiny_model import TINY_CONFIG, build_random_model
+
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model_conf"]["modalities"]["audio"]["decoder"] = {
+        "decoder_dim": 32, "decoder_groups": 4, "decoder_kernel": 5, "decoder_layers": 2, "input_dropout": 0.0,
+        "add_positions_masked": False, "add_positions_all": False, "decoder_residual": True,
+        "projection_layers": 1, "projection_ratio": 2.0}
+    directory = build_random_model(tmp_path / "with-decoder", config)
+    state = torch.load(directory / "model.pt", weights_only=True)
+    assert any(".decoder." in key for key in state)
+    if not checkpoint_has_decoder:
+        torch.save({k: v for k, v in state.items() if ".decoder." not in k}, directory / "model.pt")
+
+    model = load_model(ModelSettings(model=str(directory)))
+
+    assert model.predict([np.zeros(16_000, dtype=np.float32)])[0].scores.shape == (9,)
