@@ -27,6 +27,8 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,9 +69,10 @@ class Audio:
 class AudioLoader:
     """Fetch, decode and check audio under one AudioSettings policy. Thread-safe."""
 
-    def __init__(self, settings: AudioSettings) -> None:
+    def __init__(self, settings: AudioSettings, *, observe: Callable[[str, float], None] | None = None) -> None:
         self._settings = settings
         self._fetcher = Fetcher(settings)
+        self._observe = observe  # (stage, seconds) for "fetch" and "decode", e.g. a metrics histogram
 
     def fetch(self, uri: str) -> bytes:
         return self._fetcher.fetch(uri)
@@ -78,9 +81,14 @@ class AudioLoader:
         return decode_audio(data, self._settings.max_seconds)
 
     def load(self, uri: str) -> Audio:
+        started = time.perf_counter()
         data = self.fetch(uri)
+        fetched = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         samples = self.decode(data)
+        if self._observe is not None:
+            self._observe("fetch", fetched - started)
+            self._observe("decode", time.perf_counter() - fetched)
         duration = len(samples) / SAMPLE_RATE
         if not len(samples) or duration < self._settings.min_seconds:
             raise AudioError("too_short", f"{duration:.4f} s is under EMOFLEET_AUDIO_MIN_SECONDS={self._settings.min_seconds}")

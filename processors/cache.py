@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from emofleet.streams.config import CacheSettings
+from emofleet.streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def cache_namespace(model_id: str, revision: str, granularity: str, embeddings: 
 
 
 class ResultCache:
-    def __init__(self, settings: CacheSettings, namespace: str, owner: str, *, cooldown: float = 5.0) -> None:
+    def __init__(self, settings: CacheSettings, namespace: str, owner: str, *, cooldown: float = 5.0,
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics("processor")
         self._settings = settings
         self._prefix = f"{settings.key_prefix}:{namespace}"
         self._owner = owner.encode()
@@ -68,6 +71,8 @@ class ResultCache:
         found = {sha: value for sha, value in zip(shas, values, strict=True) if value is not None}
         self.stats.hits += len(found)
         self.stats.misses += len(shas) - len(found)
+        self._metrics.cache_hits.inc(len(found))
+        self._metrics.cache_misses.inc(len(shas) - len(found))
         return found
 
     def claim_many(self, shas: Iterable[str]) -> set[str]:
@@ -116,6 +121,7 @@ class ResultCache:
 
     def _failed(self, operation: str, error: redis.RedisError) -> None:
         self.stats.errors += 1
+        self._metrics.cache_errors.labels(operation).inc()
         self._down_until = time.monotonic() + self._cooldown
         log.warning("Redis %s failed (%s); processing continues without the cache for %.0fs",
                     operation, type(error).__name__, self._cooldown)

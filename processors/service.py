@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import Producer
@@ -14,8 +16,10 @@ from confluent_kafka import Producer
 from emofleet.processors.model import EmotionModel, load_model
 from emofleet.processors.step import InferenceStep
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import Settings
+from emofleet.streams.config import Settings, describe
 from emofleet.streams.consumer import ConsumerLoop, consumer_config
+from emofleet.streams.logs import kafka_logger
+from emofleet.streams.metrics import Metrics, processor_health, serve
 from emofleet.streams.producer import idempotent_producer_config
 
 log = logging.getLogger(__name__)
@@ -25,26 +29,35 @@ log = logging.getLogger(__name__)
 class Processor:
     loop: ConsumerLoop
     step: InferenceStep
+    metrics: Metrics | None = None
 
 
 def member_id(settings: Settings) -> str:
     return settings.kafka.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def build_processor(settings: Settings, model: EmotionModel | None = None) -> Processor:
-    model = model or load_model(settings.model, cache_dir=settings.data_dir / "models")
+def build_processor(settings: Settings, model: EmotionModel | None = None, metrics: Metrics | None = None) -> Processor:
+    metrics = metrics or Metrics("processor")
+    load_seconds = None
+    if model is None:
+        started = time.monotonic()
+        model = load_model(settings.model, cache_dir=settings.data_dir / "models")
+        load_seconds = time.monotonic() - started
+    metrics.loaded_model(model, load_seconds)
     codec = make_codec(settings.kafka.schema_registry_url)
-    producer = Producer(idempotent_producer_config(settings.kafka, **{"linger.ms": 5}))
+    producer = Producer(idempotent_producer_config(settings.kafka, **{"linger.ms": 5, "logger": kafka_logger()}))
     processor_id = member_id(settings)
     steps: list[InferenceStep] = []
 
     def strategy(report, is_current):  # type: ignore[no-untyped-def]
-        steps.append(InferenceStep(settings, model, codec, producer, report, is_current, processor_id=processor_id))
+        steps.append(InferenceStep(settings, model, codec, producer, report, is_current, processor_id=processor_id,
+                                   metrics=metrics))
         return steps[0]
 
     loop = ConsumerLoop(consumer_config(settings.kafka, settings.kafka.processor_group),
-                        [settings.kafka.audio_topic], strategy, settings.batch)
-    return Processor(loop, steps[0])
+                        [settings.kafka.audio_topic], strategy, settings.batch, metrics=metrics,
+                        lag_interval=settings.observability.lag_interval_seconds)
+    return Processor(loop, steps[0], metrics)
 
 
 def run_processor(settings: Settings) -> int:
@@ -62,10 +75,18 @@ def run_processor(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
-    processor = build_processor(settings)
-    if stop_requested.is_set():
-        return 0
-    log.info("processor %s consuming %s as group %s", processor.step.processor_id, settings.kafka.audio_topic,
-             settings.kafka.processor_group)
-    processor.loop.run()
+    log.info("starting processor %s with settings %s", member_id(settings), json.dumps(describe(settings)))
+    metrics = Metrics("processor")
+    server = serve(settings.observability, metrics, processor_health(
+        metrics, settings.kafka.client_config(), settings.observability.stall_seconds))  # up before the model loads
+    try:
+        processor = build_processor(settings, metrics=metrics)
+        if stop_requested.is_set():
+            return 0
+        log.info("processor %s consuming %s as group %s", processor.step.processor_id, settings.kafka.audio_topic,
+                 settings.kafka.processor_group)
+        processor.loop.run()
+    finally:
+        if server is not None:
+            server.stop()
     return 0

@@ -28,6 +28,7 @@ import numpy as np
 from confluent_kafka import KafkaError, Message, Producer
 
 from emofleet.processors.audio import SAMPLE_RATE, Audio, AudioError, AudioLoader, windows
+from emofleet.processors.batching import plan_batches
 from emofleet.processors.cache import ResultCache, cache_namespace
 from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events
 from emofleet.processors.model import EmotionModel, Prediction
@@ -35,6 +36,8 @@ from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import Reporter
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
+from emofleet.streams.logs import add_log_context, with_log_context
+from emofleet.streams.metrics import Metrics
 from emofleet.streams.offsets import TopicPartition
 
 log = logging.getLogger(__name__)
@@ -86,28 +89,13 @@ class StageTimes:
             setattr(self, stage, getattr(self, stage) + seconds)
 
 
-def plan_batches(lengths: list[int], max_clips: int, max_samples: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length: sorted, then cut when a batch would exceed
-    ``max_clips`` or its padded size (longest x count) would exceed ``max_samples``."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        padded = lengths[index] * (len(current) + 1)
-        if current and (len(current) >= max_clips or padded > max_samples):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
 class InferenceStep:
     def __init__(self, settings: Settings, model: EmotionModel, codec: Codec, producer: Producer,
                  report: Reporter, is_current: Callable[[TopicPartition, int], bool], *,
-                 processor_id: str, loader: AudioLoader | None = None, cache: ResultCache | None = None) -> None:
+                 processor_id: str, loader: AudioLoader | None = None, cache: ResultCache | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self.metrics = metrics or Metrics("processor")
         self._model = model
         self._codec = codec
         self._producer = producer
@@ -116,9 +104,10 @@ class InferenceStep:
         self.processor_id = processor_id
         self._identity = ModelIdentity(model.model_id, model.revision, settings.model.granularity,
                                        settings.model.embeddings)
-        self._loader = loader or AudioLoader(settings.audio)
+        self._loader = loader or AudioLoader(settings.audio, observe=self._observe_stage)
         self.cache = cache or ResultCache(settings.cache, cache_namespace(
-            model.model_id, model.revision, settings.model.granularity, settings.model.embeddings), processor_id)
+            model.model_id, model.revision, settings.model.granularity, settings.model.embeddings), processor_id,
+            metrics=self.metrics)
         self._pool = ThreadPoolExecutor(settings.audio.fetch_workers, thread_name_prefix="fetch")
         self._ready: deque[Item] = deque()
         self._deferred: list[Item] = []
@@ -143,7 +132,8 @@ class InferenceStep:
                     message.value() or b"", list(message.headers() or []), time.monotonic())
         with self._open_lock:
             self._open.add(item)
-        self._pool.submit(self._prepare, item)
+        self._pool.submit(with_log_context(self._prepare, topic=item.tp[0], partition=item.tp[1], offset=item.offset),
+                          item)
 
     def revoke(self, partitions: set[TopicPartition]) -> None:
         with self._cond:
@@ -183,6 +173,7 @@ class InferenceStep:
         except SchemaError as error:
             self._dead_letter(item, Failure(error.reason, "decode", type(error).__name__, str(error)))
             return
+        add_log_context(audio_id=item.reference.get("audio_id"))
         started = time.monotonic()
         try:
             item.audio = self._load_with_retries(item.reference["uri"])
@@ -217,6 +208,7 @@ class InferenceStep:
                 if error.permanent or attempt == FETCH_ATTEMPTS or self._closing.is_set():
                     error.attempts = attempt  # type: ignore[attr-defined]
                     raise
+                self.metrics.fetch_retries.inc()
                 log.warning("transient audio error (attempt %d/%d): %s", attempt, FETCH_ATTEMPTS, error)
                 self._closing.wait(0.5 * 2 ** (attempt - 1))  # backoff, cut short by shutdown
         raise AssertionError("unreachable")
@@ -231,6 +223,7 @@ class InferenceStep:
                     self._process(batch)
         except BaseException as error:  # surfaced to the poll thread, which stops the member
             log.exception("inference worker failed")
+            self.metrics.errors.labels("worker").inc()
             self._failure = error
 
     def _gather(self) -> list[Item]:
@@ -265,6 +258,8 @@ class InferenceStep:
     def _process(self, batch: list[Item]) -> None:
         current = [i for i in batch if self._is_current(i.tp, i.generation)]
         self._drop([i for i in batch if i not in current])
+        self.metrics.batch_clips.observe(len(current))
+        self.metrics.batch_audio_seconds.observe(sum(i.seconds for i in current))
         started = time.monotonic()
         by_sha: dict[str, list[Item]] = defaultdict(list)
         for item in current:
@@ -274,6 +269,7 @@ class InferenceStep:
             self._emit_results(by_sha.pop(sha), ClipResult.from_bytes(payload), cache_hit=True)
         busy = self.cache.claim_many(by_sha)
         self.times.add("cache", time.monotonic() - started)
+        self._observe_stage("cache", time.monotonic() - started)
         self._defer([i for sha in busy for i in by_sha.pop(sha)])
         if by_sha:
             self._compute(by_sha)
@@ -313,8 +309,9 @@ class InferenceStep:
                           segments: list[tuple[int, int, int]]) -> list[Prediction | None]:
         clips = [by_sha[shas[c]][0].audio.samples[s:e] for c, s, e in segments]  # type: ignore[union-attr]
         limits = self._settings.batch
-        plan = plan_batches([len(c) for c in clips], limits.max_clips,
-                            int(limits.max_audio_seconds * SAMPLE_RATE))
+        plan = plan_batches([len(c) for c in clips], max_clips=limits.max_clips,
+                            max_padded_samples=int(limits.max_audio_seconds * SAMPLE_RATE),
+                            max_padding=limits.max_padding_fraction)
         predictions: list[Prediction | None] = [None] * len(clips)
         for indices in plan:
             started = time.monotonic()
@@ -322,6 +319,7 @@ class InferenceStep:
                 outputs = self._predict([clips[i] for i in indices])
             except Exception as error:
                 log.exception("model failed on a batch of %d clips", len(indices))
+                self.metrics.errors.labels("model").inc()
                 failed_clips = {segments[i][0] for i in indices}
                 for clip_index in failed_clips:
                     self.cache.release([shas[clip_index]])
@@ -330,9 +328,12 @@ class InferenceStep:
                 continue
             finally:
                 self.times.add("model", time.monotonic() - started)
+                self._observe_stage("model", time.monotonic() - started)
             for i, output in zip(indices, outputs, strict=True):
                 predictions[i] = output
             self.times.clips += len(indices)
+            self.metrics.model_batch_windows.observe(len(indices))
+            self.metrics.audio_seconds.inc(sum(len(clips[i]) for i in indices) / SAMPLE_RATE)
         return predictions
 
     def _predict(self, clips: list[np.ndarray]) -> list[Prediction]:
@@ -353,15 +354,23 @@ class InferenceStep:
             item.audio = None  # the samples are no longer needed; free them before delivery
             self._produce_all(item, self._settings.kafka.results_topic,
                               [(item.key, value) for value in encoded])
+            self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - item.reference["produced_at"] / 1000))  # type: ignore[index]
         self.times.add("produce", time.monotonic() - started)
+        self._observe_stage("produce", time.monotonic() - started)
+
+    def _observe_stage(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
 
     def _dead_letter(self, item: Item, failure: Failure) -> None:
         record = dead_letter(key=item.key, payload=item.value, headers=item.headers, lineage=item.lineage,
                              failure=failure, reference=item.reference, processor=self.processor_id,
                              failed_at_ms=int(time.time() * 1000))
         value = self._codec.encode("dead_letter", record, topic=self._settings.kafka.dead_letter_topic)
-        log.info("dead letter %s[%d]@%d: %s (%s)", *item.tp, item.offset, failure.reason, failure.message[:200])
+        log.info("dead letter %s[%d]@%d: %s (%s)", *item.tp, item.offset, failure.reason, failure.message[:200],
+                 extra={"topic": item.tp[0], "partition": item.tp[1], "offset": item.offset,
+                        "audio_id": (item.reference or {}).get("audio_id")})
         self.dead_lettered += 1
+        self.metrics.dead_letter(failure.reason, failure.stage)
         self._produce_all(item, self._settings.kafka.dead_letter_topic, [(item.key, value)])
 
     def _produce_all(self, item: Item, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
@@ -370,17 +379,20 @@ class InferenceStep:
             while True:
                 try:
                     self._producer.produce(topic, value=value, key=key,
-                                           on_delivery=lambda error, _msg, item=item: self._delivered(item, error))
+                                           on_delivery=lambda error, msg, item=item: self._delivered(item, error, msg))
                     break
                 except BufferError:
                     self._producer.poll(0.05)
 
-    def _delivered(self, item: Item, error: KafkaError | None) -> None:
+    def _delivered(self, item: Item, error: KafkaError | None, message: Message | None = None) -> None:
         if error is not None:
+            self.metrics.errors.labels("delivery").inc()
             # The idempotent producer already retried for delivery.timeout.ms: stop this member
             # rather than commit past a lost result. The message is redelivered after restart.
             self._failure = RuntimeError(f"delivery to Kafka failed: {error.str()}")
             return
+        if message is not None:
+            self.metrics.messages_out.labels(message.topic()).inc()
         with self._open_lock:
             item.outputs_pending -= 1
             done = item.outputs_pending == 0

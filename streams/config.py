@@ -36,6 +36,7 @@ class KafkaSettings:
     results_topic: str = "emofleet.emotions"
     dead_letter_topic: str = "emofleet.dead-letters"
     alerts_topic: str = "emofleet.alerts"
+    aggregates_topic: str = "emofleet.aggregates"
     partitions: int = 8
     replication_factor: int = 1
     schema_registry_url: str = ""
@@ -105,6 +106,7 @@ class BatchSettings:
     max_clips: int = 16
     max_audio_seconds: float = 240.0
     max_wait_ms: int = 200
+    max_padding_fraction: float = 0.15
     max_in_flight: int = 256
     revoke_grace_seconds: float = 10.0
     commit_interval_seconds: float = 1.0
@@ -121,6 +123,34 @@ class ClickHouseSettings:
 
 
 @dataclass(frozen=True)
+class ObservabilitySettings:
+    """Metrics/health HTTP endpoint and log format (see streams/metrics.py, streams/logs.py)."""
+
+    metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = no HTTP server (containers set 9400)
+    metrics_host: str = "0.0.0.0"
+    stall_seconds: float = 60.0  # /healthz fails when the poll loop has not turned for this long
+    lag_interval_seconds: float = 5.0  # how often consumer lag per partition is recomputed
+    log_format: str = "text"  # text | json
+
+
+@dataclass(frozen=True)
+class AggregateSettings:
+    """`emofleet aggregate` (streams/aggregator.py, streams/windows.py): windows, grace, alert thresholds."""
+
+    app_id: str = "emofleet-aggregator"  # faust app id: consumer group and prefix of its internal topics
+    tumbling_seconds: int = 60  # 0 = no tumbling windows
+    hopping_seconds: int = 300  # 0 = no hopping windows
+    hop_seconds: int = 60
+    grace_seconds: int = 30  # events further behind the partition's event-time watermark are late (dropped)
+    negativity_threshold: float = 0.6  # rule (a): negativity >= this ...
+    negativity_min_clips: int = 5  # ... over at least this many clips in one window of a source
+    negativity_window: str = "hopping"  # which windows rule (a) watches: hopping | tumbling
+    angry_streak: int = 3  # rule (b): this many angry clips in a row (event-time order) within one call
+    commit_interval_seconds: float = 1.0
+    web_port: int = 0  # faust's web server; 0 = off
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".emofleet")
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -129,6 +159,8 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     clickhouse: ClickHouseSettings = field(default_factory=ClickHouseSettings)
+    aggregate: AggregateSettings = field(default_factory=AggregateSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @property
     def clickhouse_dsn(self) -> str:
@@ -239,4 +271,20 @@ def _masked(value: Any) -> Any:
         return [_masked(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, str) and "://" in value and "@" in value:
+        return redact_url(value)  # a password inside a URL (redis://:pw@host) is a secret too
     return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info part (``scheme://user:pw@host``) replaced by ``***``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)).geturl()

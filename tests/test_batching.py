@@ -1,0 +1,30 @@
+import random
+
+from emofleet.processors.batching import plan_batches
+
+
+def _check_plan(lengths: list[int], plan: list[list[int]], max_clips: int, max_padded: int, max_padding: float) -> None:
+    assert sorted(i for batch in plan for i in batch) == list(range(len(lengths))), "every clip exactly once"
+    for batch in plan:
+        longest = max(lengths[i] for i in batch)
+        padded = longest * len(batch)
+        assert len(batch) <= max_clips
+        assert len(batch) == 1 or padded <= max_padded
+        assert len(batch) == 1 or (padded - sum(lengths[i] for i in batch)) / padded <= max_padding + 1e-9
+
+
+def test_plans_respect_every_bound_on_random_lengths() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        lengths = [rng.randint(400, 16_000 * 30) for _ in range(rng.randint(1, 60))]
+        plan = plan_batches(lengths, max_clips=8, max_padded_samples=16_000 * 120, max_padding=0.15)
+        _check_plan(lengths, plan, 8, 16_000 * 120, 0.15)
+
+
+def test_equal_lengths_fill_batches_and_mixed_lengths_split() -> None:
+    assert plan_batches([100] * 10, max_clips=4, max_padded_samples=10_000) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert plan_batches([100, 1000, 110, 990], max_clips=8, max_padded_samples=10_000) == [[0, 2], [3, 1]]
+
+
+def test_a_clip_larger_than_the_padded_cap_still_gets_its_own_batch() -> None:
+    assert plan_batches([50, 5_000], max_clips=8, max_padded_samples=1_000) == [[0], [1]]
