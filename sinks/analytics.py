@@ -2,7 +2,7 @@
 
 Everything here talks to ClickHouse through a :data:`QueryRunner`: a function taking SQL with
 ClickHouse ``{name:Type}`` parameters and a dict of parameter values, and returning the rows as dicts.
-:func:`client_runner` makes one from a clickhouse-connect client; the CLI can equally pass a runner that
+`emofleet.sinks.query_server.direct_runner` makes one from a clickhouse-connect client; the CLI can equally pass a runner that
 forwards the SQL to another process (chDB allows one process per data path, and the sink may hold it).
 To keep such runners simple, the queries only take and return JSON-friendly values: parameters are
 str/int, timestamps come back as epoch milliseconds and are turned into datetimes here.
@@ -38,10 +38,9 @@ from typing import Any
 from uuid import UUID
 
 from emofleet.sinks.rows import EMOTIONS, NEGATIVE_LABELS, datetime_to_millis, millis_to_datetime
+from emofleet.sinks.query_server import QueryRunner
 from emofleet.sinks.schema import DEAD_LETTERS_TABLE, EVENTS_TABLE, quote_identifier
 
-QueryRunner = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
-"""``run(sql, parameters) -> rows as dicts``; ``sql`` uses ClickHouse ``{name:Type}`` placeholders."""
 
 BUCKETS: dict[str, int] = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 AUTO_MINUTE_SPAN = timedelta(hours=3)
@@ -49,15 +48,6 @@ AUTO_MINUTE_SPAN = timedelta(hours=3)
 AUTO_HOUR_SPAN = timedelta(days=7)
 
 _NEGATIVE_SQL = "(" + ", ".join(f"'{label}'" for label in NEGATIVE_LABELS) + ")"
-
-
-def client_runner(client: Any) -> QueryRunner:
-    """A :data:`QueryRunner` on a clickhouse-connect client (chDB or server)."""
-
-    def run(sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(client.query(sql, parameters=parameters).named_results())
-
-    return run
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from emofleet.sinks.query_server import direct_runner
 from emofleet.sinks.analytics import (
     QueryRunner,
     Report,
     build_report,
-    client_runner,
     format_report,
     plot_report,
     render_rows,
@@ -148,7 +148,7 @@ def test_dead_letters_and_throughput(report: Report) -> None:
 
 
 def test_since_and_hour_buckets(client: Any) -> None:
-    since = build_report(client_runner(client), DB, T0_DT + timedelta(minutes=1), min_clips=1, bucket="hour")
+    since = build_report(direct_runner(client), DB, T0_DT + timedelta(minutes=1), min_clips=1, bucket="hour")
     assert since.totals["clips"] == 5 and since.totals["events"] == 6
     assert {r["label"]: r["clips"] for r in since.distribution} == {"neutral": 3, "happy": 1, "fearful": 1}
     assert [(r["bucket"], r["source"], r["clips"]) for r in since.timeline] == [
@@ -157,7 +157,7 @@ def test_since_and_hour_buckets(client: Any) -> None:
     assert [(r["reason"], r["count"]) for r in since.dead_letters] == [("malformed", 1)]
     assert since.cache == {"clips": 6, "hits": 2, "hit_rate": 2 / 6}  # by processed_at: l2-b counts again
     with pytest.raises(ValueError, match="bucket"):
-        build_report(client_runner(client), DB, None, bucket="week")
+        build_report(direct_runner(client), DB, None, bucket="week")
 
 
 def test_format_report_prints_every_section(report: Report) -> None:
@@ -172,7 +172,7 @@ def test_format_report_prints_every_section(report: Report) -> None:
 
 
 def test_empty_database_report_and_plots(client: Any, report: Report, tmp_path: Path) -> None:
-    empty = build_report(client_runner(client), "empty", None)
+    empty = build_report(direct_runner(client), "empty", None)
     assert empty.totals["clips"] == 0 and empty.distribution == [] and empty.cache["hit_rate"] is None
     assert "no clips" in format_report(empty)
     for name, rep in (("full.png", report), ("empty.png", empty)):
