@@ -150,7 +150,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         paths = [str(p) for p in write_samples(root, args.samples)]
     settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
     logs = settings.data_dir / "logs"
-    supervisor = Supervisor(pipeline_commands(args.processors), child_env(settings), logs)
+    supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port),
+                            child_env(settings), logs)
     supervisor.start()
     started = time.monotonic()
     try:
@@ -158,7 +159,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s) and the sink "
               f"running, logs in {logs}")
         with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
-            stored = wait_until_stored(settings, report.delivered, supervisor, timeout=args.timeout, progress=bar)
+            stored = wait_until_stored(settings, report.ranges, supervisor, timeout=args.timeout, progress=bar)
         print(f"{stored}/{report.sent} references stored in ClickHouse in {time.monotonic() - started:.1f}s\n")
         cmd_report(argparse.Namespace(**vars(args), plot=None))
         if args.keep_running:
@@ -172,10 +173,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
+    settings = load_settings(args)
+    _configure_logging(args.log_level, settings)
     from emofleet.processors.service import run_processor
 
-    settings = load_settings(args)
     if not settings.audio.file_roots and "file" in settings.audio.allowed_schemes:
         logging.getLogger("emofleet").warning(
             "no file roots configured: file:// references will be dead-lettered (set EMOFLEET_AUDIO_FILE_ROOTS "
@@ -184,10 +185,19 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
+    settings = load_settings(args)
+    _configure_logging(args.log_level, settings)
     from emofleet.sinks.service import run_sink
 
-    return run_sink(load_settings(args))
+    return run_sink(settings)
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    _configure_logging(args.log_level, settings)
+    from emofleet.streams.aggregator import run_aggregator
+
+    return run_aggregator(settings, args.log_level)
 
 
 def _query_runner(settings: cfg.Settings) -> tuple[Any, Callable[[], None]]:
@@ -234,9 +244,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _configure_logging(level: str, settings: cfg.Settings | None = None) -> None:
+    """Text or JSON lines (EMOFLEET_OBSERVABILITY_LOG_FORMAT / --log-format), every secret masked."""
+    from emofleet.streams.logs import configure_logging, secret_values
+
+    settings = settings or cfg.Settings()
+    configure_logging(level, settings.observability.log_format, secret_values(settings))
+
+
+def _add_observability(parser: argparse.ArgumentParser, port_help: str) -> None:
+    parser.add_argument("--metrics-port", dest="observability__metrics_port", type=int, metavar="PORT",
+                        help=port_help)
+    parser.add_argument("--log-format", dest="observability__log_format", choices=("text", "json"),
+                        help="text (default) or json lines with partition/offset/audio_id")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -301,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
     up.add_argument("--keep-running", action="store_true", help="leave the processors running afterwards")
+    _add_observability(up, "serve /metrics /healthz /readyz: processors on PORT, PORT+1, ..., the sink next "
+                           "(default 0: off)")
 
     process = command("process", cmd_process,
                       "run one member of the processor group: audio references in, emotion events out")
@@ -313,11 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--group-instance-id", dest="kafka__group_instance_id",
                          help="static membership id (keeps partitions across quick restarts)")
     process.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_observability(process, "serve /metrics /healthz /readyz on this port (default 0: off; containers use 9400)")
 
     sink = command("sink", cmd_sink, "write emotion events and dead letters into ClickHouse, effectively once")
     sink.add_argument("--dsn", dest="clickhouse__dsn",
                       help="chdb:///path or http(s)://host:port (default: chDB under the data dir)")
     sink.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_observability(sink, "serve /metrics /healthz /readyz on this port (default 0: off; containers use 9400)")
+
+    aggregate = command("aggregate", cmd_aggregate, "windowed emotion aggregates per source / channel / call and "
+                                                    "alerts (faust-streaming app over the results topic)")
+    aggregate.add_argument("--grace-seconds", dest="aggregate__grace_seconds", type=int,
+                           help="out-of-order events up to this far behind the watermark still count (default 30)")
+    aggregate.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     query = command("query", cmd_query, "run a read-only SQL query against the analytics tables")
     query.add_argument("sql", help='e.g. "SELECT label, count() FROM emofleet.emotion_events GROUP BY label"')

@@ -58,18 +58,17 @@ def child_env(settings: Settings) -> dict[str, str]:
     return dict(os.environ) | to_env(settings)
 
 
-def pipeline_commands(processors: int) -> dict[str, list[str]]:
+def pipeline_commands(processors: int, metrics_port: int = 0) -> dict[str, list[str]]:
+    """Child command lines; with ``metrics_port`` each child gets its own port: processors ``metrics_port + i``,
+    the sink ``metrics_port + processors`` (0: no metrics endpoints)."""
     cli = [sys.executable, "-m", "emofleet.cli"]
-    return {f"processor-{i}": [*cli, "process"] for i in range(processors)} | {"sink": [*cli, "sink"]}
 
+    def port(index: int) -> list[str]:
+        return ["--metrics-port", str(metrics_port + index)] if metrics_port else []
 
-def offset_ranges(delivered: list[tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
-    """Per partition: (lowest offset, highest offset, count) of the references this run enqueued."""
-    ranges: dict[int, tuple[int, int, int]] = {}
-    for partition, offset in delivered:
-        low, high, count = ranges.get(partition, (offset, offset, 0))
-        ranges[partition] = (min(low, offset), max(high, offset), count + 1)
-    return ranges
+    return ({f"processor-{i}": [*cli, "process", *port(i)] for i in range(processors)}
+            | {"sink": [*cli, "sink", *port(processors)]}
+            | {"aggregator": [*cli, "aggregate"]})
 
 
 def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int, tuple[int, int, int]]) -> int:
@@ -89,15 +88,15 @@ def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int
     return sum(min(int(r["settled"]), ranges[int(r["partition"])][2]) for r in rows)
 
 
-def wait_until_stored(settings: Settings, delivered: list[tuple[int, int]], supervisor: Supervisor, *,
+def wait_until_stored(settings: Settings, ranges: dict[int, tuple[int, int, int]], supervisor: Supervisor, *,
                       timeout: float, progress: object) -> int:
     """Follow ClickHouse (through the sink's query server) until every reference is stored."""
     from emofleet.sinks.query_server import QueryError, owner_runner
 
-    ranges = offset_ranges(delivered)
+    expected = sum(count for *_, count in ranges.values())
     deadline = time.monotonic() + timeout
     settled = 0
-    while settled < len(delivered) and time.monotonic() < deadline:
+    while settled < expected and time.monotonic() < deadline:
         supervisor.check()
         run = owner_runner(settings.data_dir)
         if run is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +62,7 @@ class Item:
     outputs_pending: int = 0
     retry_at: float = 0.0
     claim_deadline: float = 0.0
+    ready_at: float = 0.0
 
     @property
     def lineage(self) -> Lineage:
@@ -196,6 +197,7 @@ class InferenceStep:
         with self._cond:
             while self._ready_seconds > self._ready_limit and not self._closing.is_set():
                 self._cond.wait(0.5)
+            item.ready_at = time.monotonic()
             self._ready.append(item)
             self._ready_seconds += item.seconds
             self._cond.notify_all()
@@ -228,7 +230,6 @@ class InferenceStep:
 
     def _gather(self) -> list[Item]:
         limits = self._settings.batch
-        deadline = None
         batch: list[Item] = []
         seconds = 0.0
         with self._cond:
@@ -244,8 +245,9 @@ class InferenceStep:
                     seconds += item.seconds
                     batch.append(item)
                     self._cond.notify_all()
-                if batch and deadline is None:
-                    deadline = now + limits.max_wait_ms / 1000
+                # The wait counts from when the oldest clip became ready, so clips that already waited
+                # through the previous forward do not wait a full max_wait again.
+                deadline = min(i.ready_at for i in batch) + limits.max_wait_ms / 1000 if batch else None
                 full = len(batch) >= limits.max_clips or seconds >= limits.max_audio_seconds
                 if full or (deadline is not None and now >= deadline):
                     return batch
@@ -287,54 +289,63 @@ class InferenceStep:
             self._deferred.extend(items)
 
     def _compute(self, by_sha: dict[str, list[Item]]) -> None:
+        """Run the model over every window of these clips, in planned batches; a clip is emitted and
+        cached as soon as its last window is scored, not when the whole batch is done."""
         shas = list(by_sha)
-        segments: list[tuple[int, int, int]] = []  # (clip index, start, end)
+        segments: list[tuple[int, int, int]] = []  # (clip index, start sample, end sample)
         for clip_index, sha in enumerate(shas):
             samples = by_sha[sha][0].audio.samples  # type: ignore[union-attr]
             segments += [(clip_index, s, e) for s, e in windows(len(samples), self._settings.audio.window_seconds)]
-        predictions = self._predict_segments(shas, by_sha, segments)
-        results: dict[str, bytes] = {}
-        for clip_index, sha in enumerate(shas):
-            mine = [(s, e, p) for (c, s, e), p in zip(segments, predictions) if c == clip_index]
-            if any(p is None for *_, p in mine):
-                continue  # dead-lettered in _predict_segments
-            audio = by_sha[sha][0].audio
-            spans = tuple((s / SAMPLE_RATE, min(e / SAMPLE_RATE, audio.duration_seconds)) for s, e, _ in mine)
-            result = ClipResult(spans, tuple(p for *_, p in mine))  # type: ignore[misc]
-            results[sha] = result.to_bytes()
-            self._emit_results(by_sha[sha], result, cache_hit=False)
-        self.cache.put_many(results)
-
-    def _predict_segments(self, shas: list[str], by_sha: dict[str, list[Item]],
-                          segments: list[tuple[int, int, int]]) -> list[Prediction | None]:
         clips = [by_sha[shas[c]][0].audio.samples[s:e] for c, s, e in segments]  # type: ignore[union-attr]
+        windows_left = Counter(c for c, _, _ in segments)
+        predictions: list[Prediction | None] = [None] * len(segments)
         limits = self._settings.batch
         plan = plan_batches([len(c) for c in clips], max_clips=limits.max_clips,
                             max_padded_samples=int(limits.max_audio_seconds * SAMPLE_RATE),
                             max_padding=limits.max_padding_fraction)
-        predictions: list[Prediction | None] = [None] * len(clips)
+        failed: set[int] = set()
         for indices in plan:
-            started = time.monotonic()
-            try:
-                outputs = self._predict([clips[i] for i in indices])
-            except Exception as error:
-                log.exception("model failed on a batch of %d clips", len(indices))
-                self.metrics.errors.labels("model").inc()
-                failed_clips = {segments[i][0] for i in indices}
-                for clip_index in failed_clips:
+            touched = {segments[i][0] for i in indices}
+            outputs = self._forward([clips[i] for i in indices])
+            if isinstance(outputs, Exception):
+                for clip_index in touched - failed:
                     self.cache.release([shas[clip_index]])
                     for item in by_sha[shas[clip_index]]:
-                        self._dead_letter(item, Failure("model_error", "model", type(error).__name__, str(error)))
+                        self._dead_letter(item, Failure("model_error", "model", type(outputs).__name__, str(outputs)))
+                failed |= touched
                 continue
-            finally:
-                self.times.add("model", time.monotonic() - started)
-                self._observe_stage("model", time.monotonic() - started)
             for i, output in zip(indices, outputs, strict=True):
                 predictions[i] = output
-            self.times.clips += len(indices)
-            self.metrics.model_batch_windows.observe(len(indices))
-            self.metrics.audio_seconds.inc(sum(len(clips[i]) for i in indices) / SAMPLE_RATE)
-        return predictions
+                windows_left[segments[i][0]] -= 1
+            done = [c for c in touched if windows_left[c] == 0 and c not in failed]
+            results = {shas[c]: self._clip_result(by_sha[shas[c]][0].audio, [
+                (s, e, predictions[i]) for i, (owner, s, e) in enumerate(segments) if owner == c]) for c in done}
+            for sha, result in results.items():
+                self._emit_results(by_sha[sha], result, cache_hit=False)
+            self.cache.put_many({sha: result.to_bytes() for sha, result in results.items()})
+
+    @staticmethod
+    def _clip_result(audio: Audio | None, scored: list[tuple[int, int, Prediction | None]]) -> ClipResult:
+        duration = audio.duration_seconds if audio else 0.0
+        spans = tuple((s / SAMPLE_RATE, min(e / SAMPLE_RATE, duration)) for s, e, _ in scored)
+        return ClipResult(spans, tuple(p for *_, p in scored))  # type: ignore[misc]
+
+    def _forward(self, clips: list[np.ndarray]) -> list[Prediction] | Exception:
+        """One model forward; a failure is returned (its clips get dead letters), not raised."""
+        started = time.monotonic()
+        try:
+            outputs = self._predict(clips)
+        except Exception as error:
+            log.exception("model failed on a batch of %d clips", len(clips))
+            self.metrics.errors.labels("model").inc()
+            return error
+        finally:
+            self.times.add("model", time.monotonic() - started)
+            self._observe_stage("model", time.monotonic() - started)
+        self.times.clips += len(clips)
+        self.metrics.model_batch_windows.observe(len(clips))
+        self.metrics.audio_seconds.inc(sum(len(c) for c in clips) / SAMPLE_RATE)
+        return outputs
 
     def _predict(self, clips: list[np.ndarray]) -> list[Prediction]:
         return self._model.predict(clips, granularity=self._settings.model.granularity,

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from emofleet.streams.config import BatchSettings, KafkaSettings
+from emofleet.streams.logs import kafka_logger
+from emofleet.streams.metrics import CommitTimer, LagMonitor, Metrics
 from emofleet.streams.offsets import OffsetTracker
 from emofleet.streams.offsets import TopicPartition as TP
 
@@ -80,6 +82,10 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
         "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
         "max.poll.interval.ms": kafka.max_poll_interval_ms,
         "queued.max.messages.kbytes": 16_384,
+        # An idle long poll returns after this at the latest; librdkafka's 500 ms default delays the
+        # first message on brokers that hold empty fetches for the full wait (Tansu does).
+        "fetch.wait.max.ms": 100,
+        "logger": kafka_logger(),
     }
     if kafka.group_instance_id:
         config["group.instance.id"] = kafka.group_instance_id
@@ -89,8 +95,11 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
 class ConsumerLoop:
     def __init__(self, config: dict[str, Any], topics: list[str],
                  strategy_factory: Callable[[Reporter, Callable[[TP, int], bool]], Strategy],
-                 batch: BatchSettings) -> None:
-        self._consumer = Consumer(config)
+                 batch: BatchSettings, *, metrics: Metrics | None = None, lag_interval: float = 5.0) -> None:
+        self.metrics = metrics or Metrics("processor")
+        self._commit_timer = CommitTimer(self.metrics)
+        self._consumer = Consumer(config | {"on_commit": self._commit_timer.on_commit})
+        self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, lag_interval)
         self._topics = topics
         self._batch = batch
         self._settled: queue.SimpleQueue[Settled] = queue.SimpleQueue()
@@ -140,6 +149,16 @@ class ConsumerLoop:
         self._apply_backpressure()
         if time.monotonic() - self._last_commit >= self._batch.commit_interval_seconds:
             self._commit(asynchronous=True)
+        self._observe()
+
+    def _observe(self) -> None:
+        """Gauges, lag and the liveness heartbeat, once per turn of the loop."""
+        metrics = self.metrics
+        metrics.heartbeat()
+        metrics.in_flight.set(self._tracker.in_flight())
+        metrics.set_assigned(len(self.assigned))
+        metrics.paused_partitions.set(len(self.assigned) if self._paused else 0)
+        self._lag.update(self.assigned)
 
     def _accept(self, message: Message) -> None:
         error = message.error()
@@ -148,12 +167,14 @@ class ConsumerLoop:
                 return
             if error.fatal():
                 raise KafkaException(error)
+            self.metrics.errors.labels("consumer").inc()
             log.warning("consumer error: %s", error.str())
             return
         tp = (message.topic(), message.partition())
         generation = self._generations.get(tp)
         if generation is None:  # arrived for a partition revoked meanwhile
             return
+        self.metrics.messages_in.labels(tp[0]).inc()
         self._tracker.consumed(tp, message.offset())
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._tracker.in_flight())
         self.strategy.submit(message, generation)
@@ -199,13 +220,20 @@ class ConsumerLoop:
         offsets = self._tracker.to_commit(partitions)
         if not offsets:
             return
+        started = time.perf_counter()
+        if asynchronous:
+            self._commit_timer.requested(offsets)  # timed until the broker answers (on_commit)
         try:
             self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                   asynchronous=asynchronous)
         except KafkaException as error:
             if error.args[0].code() != KafkaError._NO_OFFSET:
+                self.metrics.commit_failures.inc()
                 log.warning("commit failed (will retry): %s", error.args[0].str())
             return
+        if not asynchronous:
+            self.metrics.commit_seconds.labels("sync").observe(time.perf_counter() - started)
+        self._lag.committed(offsets)
         self._tracker.mark_committed(offsets)
         self.stats.commits += 1
 
@@ -213,6 +241,7 @@ class ConsumerLoop:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels("assign").inc()
         for partition in partitions:
             tp = (partition.topic, partition.partition)
             self._generation_counter += 1
@@ -230,6 +259,7 @@ class ConsumerLoop:
 
     def _release(self, partitions: list[TopicPartition], *, commit: bool) -> None:
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
         revoked = {(p.topic, p.partition) for p in partitions}
         for tp in revoked:
             self._generations.pop(tp, None)
@@ -238,6 +268,7 @@ class ConsumerLoop:
         if commit:
             self._commit(asynchronous=False, partitions=list(revoked))
         self._tracker.forget(list(revoked))
+        self._lag.forget(revoked)
         self.assigned -= revoked
         log.info("revoked %s", sorted(f"{t}[{p}]" for t, p in revoked))
 

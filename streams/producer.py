@@ -15,14 +15,17 @@ from emofleet.streams.references import message_key
 
 @dataclass
 class DeliveryReport:
-    """Running totals of delivery reports: where each reference landed, and (audio_id, error) failures."""
+    """Running totals of delivery reports, in constant memory per partition: how many references
+    landed, the offset range they span per partition, and (audio_id, error) per failure."""
 
-    delivered: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
+    sent: int = 0
+    ranges: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # partition: (first, last, count)
     failed: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
-    def sent(self) -> int:
-        return len(self.delivered)
+    def landed(self, partition: int, offset: int) -> None:
+        first, last, count = self.ranges.get(partition, (offset, offset, 0))
+        self.ranges[partition] = (min(first, offset), max(last, offset), count + 1)
+        self.sent += 1
 
 
 def idempotent_producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
@@ -47,7 +50,7 @@ class AudioReferenceProducer:
     """
 
     def __init__(self, kafka: KafkaSettings, codec: Codec, *,
-                 on_delivery: Callable[[str, str | None], None] | None = None,
+                 on_delivery: Callable[[bool], None] | None = None,
                  **producer_overrides: Any) -> None:
         self.topic = kafka.audio_topic
         self.codec = codec
@@ -58,23 +61,30 @@ class AudioReferenceProducer:
     def send(self, reference: Mapping[str, Any]) -> None:
         """Queue one reference; raises SchemaError for an invalid record (nothing is queued then)."""
         value = self.codec.encode("audio_reference", reference, topic=self.topic)
-        audio_id = str(reference["audio_id"])
+        key = message_key(reference)
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=message_key(reference),
-                                       on_delivery=lambda error, message: self._delivered(audio_id, error, message))
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=self._delivered)
                 break
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: serve delivery reports to make room
         self._producer.poll(0)
 
-    def _delivered(self, audio_id: str, error: KafkaError | None, message: Message) -> None:
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        """One bound callback for all messages (no closure per message); the audio id of a failed
+        reference is read back from its bytes, which only failures pay for."""
         if error is None:
-            self.report.delivered.append((message.partition(), message.offset()))
+            self.report.landed(message.partition(), message.offset())
         else:
-            self.report.failed.append((audio_id, error.str()))
+            self.report.failed.append((self._audio_id(message), error.str()))
         if self._on_delivery:
-            self._on_delivery(audio_id, None if error is None else error.str())
+            self._on_delivery(error is None)
+
+    def _audio_id(self, message: Message) -> str:
+        try:
+            return str(self.codec.decode("audio_reference", message.value() or b"", topic=self.topic)["audio_id"])
+        except Exception:  # noqa: BLE001 - only used to label a failure
+            return f"{message.topic()}[{message.partition()}]"
 
     def flush(self, timeout: float = 60.0) -> DeliveryReport:
         """Wait for every queued reference's delivery report; anything still queued counts as failed."""
