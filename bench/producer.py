@@ -44,43 +44,6 @@ RAW_ONE = "raw confluent-kafka (acks=1)"
 ENCODE = "Avro encode only (no Kafka)"
 FASTPATH = "what-if: AudioReferenceProducer + compiled encoder (bench/avro_fastpath.py)"
 FLOOR = "what-if: AudioReferenceProducer, encode cost 0 (pre-encoded)"
-LEAN = "what-if: lean send (one bound callback, per-partition ranges) + compiled encoder"
-
-
-class LeanProducer(AudioReferenceProducer):
-    """The suggested fix, sketched: no closure per message, and delivery bookkeeping that does not
-    grow a list of tuples (per-partition offset ranges, what `emofleet up` derives from the list);
-    a failed message's audio_id is decoded from its value only when it fails."""
-
-    def __init__(self, kafka: KafkaSettings, codec) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(kafka, codec)
-        self.sent = 0
-        self.ranges: dict[int, list[int]] = {}  # partition -> [lowest, highest offset]
-        self._report_cb = self._report_one
-        self._produce, self._poll = self._producer.produce, self._producer.poll
-
-    def send(self, reference):  # type: ignore[no-untyped-def]
-        value = self.codec.encode("audio_reference", reference, topic=self.topic)
-        while True:
-            try:
-                self._produce(self.topic, value, message_key(reference), on_delivery=self._report_cb)
-                break
-            except BufferError:
-                self._poll(0.1)
-        self._poll(0)
-
-    def _report_one(self, error, message) -> None:  # type: ignore[no-untyped-def]
-        if error is None:
-            self.sent += 1
-            offset = message.offset()
-            span = self.ranges.get(message.partition())
-            if span is None:
-                self.ranges[message.partition()] = [offset, offset]
-            elif offset > span[1]:
-                span[1] = offset
-        else:
-            audio_id = make_codec().decode("audio_reference", message.value(), topic=self.topic)["audio_id"]
-            self.report.failed.append((audio_id, error.str()))
 
 
 class PreEncodedCodec:
@@ -196,28 +159,13 @@ def main() -> None:
         def fastpath_row() -> float:
             return run_emofleet(replace(base, audio_topic=fresh_topic("fastpath")), refs, fastpath)
 
-        def lean_row() -> float:
-            kafka = replace(base, audio_topic=fresh_topic("lean"))
-            producer = LeanProducer(kafka, fastpath)
-            producer.send(refs[0])
-            producer.flush()
-            producer.sent = 0
-            started = time.perf_counter()
-            for reference in refs:
-                producer.send(reference)
-            producer.flush()
-            elapsed = time.perf_counter() - started
-            if producer.sent != len(refs) or producer.report.failed:
-                raise RuntimeError(f"lean producer: sent {producer.sent}, failed {producer.report.failed[:3]}")
-            return elapsed
-
         def floor_row() -> float:
             return run_emofleet(replace(base, audio_topic=fresh_topic("floor")), refs, pre_encoded)
 
         rows: dict[str, Callable[[], float]] = {EMOFLEET: emofleet_row, RAW_ALL: raw_all_row,
                                                 RAW_ONE: raw_one_row, ENCODE: encode_row}
         if not args.no_what_if:
-            rows |= {FASTPATH: fastpath_row, FLOOR: floor_row, LEAN: lean_row}
+            rows |= {FASTPATH: fastpath_row, FLOOR: floor_row}
         seconds: dict[str, list[float]] = {name: [] for name in rows}
         names = list(rows)
         for round_index in range(args.rounds):
