@@ -22,7 +22,9 @@ Loading (:func:`load_model`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import re
@@ -417,8 +419,12 @@ def _build(directory: Path, config: dict[str, Any], *, device: str, threads: int
         log_level="ERROR",
     )
     try:
-        with _FUNASR_LOCK:
-            return AutoModel(**kwargs)
+        # AutoModel prints "funasr version: ..." to stdout: send it to the log (stdout would break JSON logs)
+        with _FUNASR_LOCK, contextlib.redirect_stdout(io.StringIO()) as printed:
+            auto_model = AutoModel(**kwargs)
+        if printed.getvalue().strip():
+            log.debug("%s", printed.getvalue().strip())
+        return auto_model
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"funasr could not build the model from {directory} "
                              f"({_one_line(exc)}): check config.yaml") from exc

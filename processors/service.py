@@ -78,7 +78,7 @@ def run_processor(settings: Settings) -> int:
     log.info("starting processor %s with settings %s", member_id(settings), json.dumps(describe(settings)))
     metrics = Metrics("processor")
     server = serve(settings.observability, metrics, processor_health(
-        metrics, settings.kafka.client_config(), settings.observability.stall_seconds))  # up before the model loads
+        metrics, settings.kafka.client_config(), settings.observability))  # up before the model loads
     try:
         processor = build_processor(settings, metrics=metrics)
         if stop_requested.is_set():

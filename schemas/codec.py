@@ -48,7 +48,7 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
-SchemaName = Literal["audio_reference", "emotion_event", "dead_letter"]
+SchemaName = Literal["audio_reference", "emotion_event", "dead_letter", "emotion_aggregate", "emotion_alert"]
 """Names of the schemas; ``schemas/<name>.avsc`` is the current version. Add new ones here."""
 
 SCHEMA_NAMES: tuple[str, ...] = get_args(SchemaName)

@@ -59,6 +59,14 @@ FRAME_COLUMNS: tuple[str, ...] = (
 )
 """Columns of ``emotion_frames`` in table order; :func:`frame_rows` returns rows in this order."""
 
+AGGREGATE_COLUMNS: tuple[str, ...] = (
+    "aggregate_id", "scope", "tenant", "scope_value", "window_type", "window_size_seconds", "window_hop_seconds",
+    "window_start", "window_end", "clips", *(f"count_{name}" for name in EMOTIONS), "mean_confidence", "negativity",
+    "first_event_at", "last_event_at",
+    *LINEAGE_COLUMNS,
+)
+"""Columns of ``emotion_aggregates`` in table order; :func:`aggregate_row` returns values in this order."""
+
 FRAMES_PER_SECOND = 50
 """emotion2vec frame rate: frame ``i`` of a clip starts at ``i / 50`` seconds."""
 
@@ -140,4 +148,18 @@ def frame_rows(event: Mapping[str, Any]) -> list[list]:
          f["angry"], f["disgusted"], f["fearful"], f["happy"], f["neutral"],
          f["other"], f["sad"], f["surprised"], f["unknown"]]
         for index, f in enumerate(frames)
+    ]
+
+
+def aggregate_row(record: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime) -> list:
+    """One ``emotion_aggregates`` row (order of :data:`AGGREGATE_COLUMNS`) from a decoded EmotionAggregate."""
+    c = record["label_counts"]
+    return [
+        record["aggregate_id"], record["scope"], record["tenant"], record["scope_value"], record["window_type"],
+        record["window_size_seconds"], record["window_hop_seconds"],
+        _EPOCH + record["window_start"] * _MILLISECOND, _EPOCH + record["window_end"] * _MILLISECOND,
+        record["clips"], c["angry"], c["disgusted"], c["fearful"], c["happy"], c["neutral"], c["other"], c["sad"],
+        c["surprised"], c["unknown"], record["mean_confidence"], record["negativity"],
+        _EPOCH + record["first_event_at"] * _MILLISECOND, _EPOCH + record["last_event_at"] * _MILLISECOND,
+        topic, partition, offset, inserted_at,
     ]

@@ -46,6 +46,11 @@ Schema choices (the lead's README can point here):
   (``SimpleAggregateFunction(sum, UInt64)``) and ``confidence`` (``avgState``), whole-clip events only.
   The MV counts inserts: duplicates removed later by ReplacingMergeTree merges are still counted there
   (exact numbers: query ``emotion_events FINAL``). Rows inserted before the MV existed are not in it.
+* ``emotion_aggregates`` - one row per window aggregate of `emofleet aggregate` (EmotionAggregate).
+  ``ReplacingMergeTree(inserted_at)``: the sort key ``(tenant, scope, scope_value, window_type, window_start,
+  aggregate_id)`` and the partition (month of ``window_start``) are functions of ``aggregate_id``, so a
+  window re-published after an aggregator crash (same id, same content) collapses into one row; read with
+  ``FINAL``. Label counts are flattened to ``count_<emotion>``; Kafka lineage as in ``emotion_events``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS
+from emofleet.sinks.rows import AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS
 
 MIGRATIONS_TABLE = "schema_migrations"
 EVENTS_TABLE = "emotion_events"
@@ -65,6 +70,7 @@ DEAD_LETTERS_TABLE = "dead_letters"
 FRAMES_TABLE = "emotion_frames"
 MINUTES_TABLE = "emotion_minutes"
 MINUTES_VIEW = "emotion_minutes_mv"
+AGGREGATES_TABLE = "emotion_aggregates"
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -252,6 +258,44 @@ WHERE segment_index = -1
 GROUP BY minute, tenant, source, label
 """,
     )),
+    Migration(5, "create_emotion_aggregates", (
+        """
+CREATE TABLE IF NOT EXISTS {db}.emotion_aggregates
+(
+    aggregate_id String,
+    scope LowCardinality(String),
+    tenant LowCardinality(String),
+    scope_value String,
+    window_type LowCardinality(String),
+    window_size_seconds UInt32,
+    window_hop_seconds UInt32,
+    window_start DateTime64(3, 'UTC'),
+    window_end DateTime64(3, 'UTC'),
+    clips UInt32,
+    count_angry UInt32,
+    count_disgusted UInt32,
+    count_fearful UInt32,
+    count_happy UInt32,
+    count_neutral UInt32,
+    count_other UInt32,
+    count_sad UInt32,
+    count_surprised UInt32,
+    count_unknown UInt32,
+    mean_confidence Float64,
+    negativity Float64,
+    first_event_at DateTime64(3, 'UTC'),
+    last_event_at DateTime64(3, 'UTC'),
+    kafka_topic LowCardinality(String),
+    kafka_partition UInt16,
+    kafka_offset UInt64,
+    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree(inserted_at)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (tenant, scope, scope_value, window_type, window_start, aggregate_id)
+SETTINGS non_replicated_deduplication_window = 1000
+""",
+    )),
 )
 
 # ------------------------------------------------------------------------------------ expected shape
@@ -290,12 +334,22 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("event_id", "String"), ("reference_produced_at", _DT), ("processed_at", _DT),
         ("frame_index", "UInt32"), *_SCORE_TYPES,
     ),
+    AGGREGATES_TABLE: (
+        ("aggregate_id", "String"), ("scope", _LC), ("tenant", _LC), ("scope_value", "String"),
+        ("window_type", _LC), ("window_size_seconds", "UInt32"), ("window_hop_seconds", "UInt32"),
+        ("window_start", _DT), ("window_end", _DT), ("clips", "UInt32"),
+        *((f"count_{e}", "UInt32") for e in ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
+                                             "surprised", "unknown")),
+        ("mean_confidence", "Float64"), ("negativity", "Float64"), ("first_event_at", _DT), ("last_event_at", _DT),
+        *_LINEAGE_TYPES,
+    ),
 }
-DRIFT_CHECKED_TABLES: tuple[str, ...] = (EVENTS_TABLE, DEAD_LETTERS_TABLE)
+DRIFT_CHECKED_TABLES: tuple[str, ...] = (EVENTS_TABLE, DEAD_LETTERS_TABLE, AGGREGATES_TABLE)
 
 assert tuple(n for n, _ in EXPECTED_COLUMNS[EVENTS_TABLE]) == EVENT_COLUMNS
 assert tuple(n for n, _ in EXPECTED_COLUMNS[DEAD_LETTERS_TABLE]) == DEAD_LETTER_COLUMNS
 assert tuple(n for n, _ in EXPECTED_COLUMNS[FRAMES_TABLE]) == FRAME_COLUMNS
+assert tuple(n for n, _ in EXPECTED_COLUMNS[AGGREGATES_TABLE]) == AGGREGATE_COLUMNS
 
 
 # ------------------------------------------------------------------------------------ operations
@@ -399,8 +453,8 @@ def drift(client: Any, database: str, tables: Sequence[str] = DRIFT_CHECKED_TABL
 
 
 def check_drift(client: Any, database: str) -> None:
-    """Raise :class:`SchemaDriftError` when ``emotion_events`` or ``dead_letters`` differ from the
-    columns this code writes (someone ALTERed them by hand, or migrations were skipped)."""
+    """Raise :class:`SchemaDriftError` when ``emotion_events``, ``dead_letters`` or ``emotion_aggregates``
+    differ from the columns this code writes (someone ALTERed them by hand, or migrations were skipped)."""
     differences = drift(client, database)
     if differences:
         raise SchemaDriftError(
@@ -415,7 +469,7 @@ def last_offsets(client: Any, database: str, table: str, topic: str) -> dict[int
     The sink resumes each partition at ``offset + 1``; the deduplication token guards the overlap if a
     batch was stored but its Kafka commit was lost.
     """
-    if table not in (EVENTS_TABLE, DEAD_LETTERS_TABLE):
+    if table not in (EVENTS_TABLE, DEAD_LETTERS_TABLE, AGGREGATES_TABLE):
         raise ValueError(f"no kafka lineage in table {table!r}")
     db = quote_identifier(database)
     rows = client.query(

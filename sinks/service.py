@@ -30,15 +30,20 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.sinks.clickhouse import dedup_settings
-from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
-from emofleet.sinks.schema import DEAD_LETTERS_TABLE, EVENTS_TABLE, last_offsets
+from emofleet.sinks.rows import (AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, aggregate_row, dead_letter_row,
+                                 event_row)
+from emofleet.sinks.schema import AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, last_offsets
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import consumer_config
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
+from emofleet.streams.logs import kafka_logger
+from emofleet.streams.metrics import LagMonitor, Metrics
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 10.0
+_COLUMNS = {EVENTS_TABLE: EVENT_COLUMNS, DEAD_LETTERS_TABLE: DEAD_LETTER_COLUMNS,
+            AGGREGATES_TABLE: AGGREGATE_COLUMNS}
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Batch:
 class SinkStats:
     inserted_events: int = 0
     inserted_dead_letters: int = 0
+    inserted_aggregates: int = 0
     skipped_replays: int = 0
     insert_failures: int = 0
     flushes: int = 0
@@ -89,16 +95,20 @@ class SinkStats:
 
 class ClickHouseSink:
     def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
-                 before_commit: Callable[[], None] | None = None) -> None:
+                 before_commit: Callable[[], None] | None = None, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self.metrics = metrics or Metrics("sink")
         self._client = client
         self._lock = client_lock or threading.Lock()
         self._codec = codec
         self._before_commit = before_commit  # test hook: a crash between insert and commit
         kafka = settings.kafka
-        self._topics = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE}
+        self._topics = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE,
+                        kafka.aggregates_topic: AGGREGATES_TABLE}
         self._consumer = Consumer(consumer_config(kafka, kafka.sink_group))
-        self._producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
+        self._producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all",
+                                                           "logger": kafka_logger()})
+        self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, settings.observability.lag_interval_seconds)
         self._batch = Batch()
         self._resume_after: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
@@ -120,6 +130,7 @@ class ClickHouseSink:
                         self._flush_until_done()
                 if self._due():
                     self._flush_until_done()
+                self._observe()
             self._flush_until_done()
         except BaseException:
             self._failed = True  # commit nothing more: the next owner replays and skips what is stored
@@ -127,6 +138,13 @@ class ClickHouseSink:
         finally:
             self._producer.flush(10)
             self._consumer.close()
+
+    def _observe(self) -> None:
+        """Gauges, lag and the liveness heartbeat, once per turn of the loop."""
+        self.metrics.heartbeat()
+        self.metrics.set_assigned(len(self.assigned))
+        self.metrics.in_flight.set(self._batch.rows)
+        self._lag.update(self.assigned)
 
     # ------------------------------------------------------------ batching
 
@@ -141,17 +159,27 @@ class ClickHouseSink:
             if error.fatal():
                 raise KafkaException(error)
             if error.code() != KafkaError._PARTITION_EOF:
+                self.metrics.errors.labels("consumer").inc()
                 log.warning("consumer error: %s", error.str())
             return
         topic, partition, offset = message.topic(), message.partition(), message.offset()
+        self.metrics.messages_in.labels(topic).inc()
         if offset <= self._resume_after.get((topic, partition), -1):
             self.stats.skipped_replays += 1  # already stored before a crash; see module docstring
+            self.metrics.sink_skipped_replays.inc()
             self._batch.add(topic, partition, offset, None)
             return
         self._batch.add(topic, partition, offset, self._row(message, datetime.now(UTC)))
 
     def _row(self, message: Message, now: datetime) -> list[Any] | None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if self._topics[topic] == AGGREGATES_TABLE:
+            try:
+                aggregate = self._codec.decode("emotion_aggregate", message.value() or b"", topic=topic)
+            except SchemaError as error:
+                self._dead_letter_malformed(message, error)
+                return None
+            return aggregate_row(aggregate, topic, partition, offset, now)
         if self._topics[topic] == EVENTS_TABLE:
             try:
                 event = self._codec.decode("emotion_event", message.value() or b"", topic=topic)
@@ -166,6 +194,7 @@ class ClickHouseSink:
         return dead_letter_row(record, topic, partition, offset, now)
 
     def _malformed_record(self, message: Message, error: SchemaError) -> dict[str, Any]:
+        self.metrics.dead_letter(error.reason, "sink")
         return dead_letter(key=message.key(), payload=message.value() or b"", headers=message.headers(),
                            lineage=Lineage(message.topic(), message.partition(), message.offset()),
                            failure=Failure(error.reason, "sink", type(error).__name__, str(error)),
@@ -175,6 +204,7 @@ class ClickHouseSink:
         record = self._malformed_record(message, error)
         topic = self._settings.kafka.dead_letter_topic
         self._producer.produce(topic, key=message.key(), value=self._codec.encode("dead_letter", record, topic=topic))
+        self.metrics.messages_out.labels(topic).inc()
         log.warning("malformed event at %s[%d]@%d sent to %s", message.topic(), message.partition(),
                     message.offset(), topic)
 
@@ -192,10 +222,13 @@ class ClickHouseSink:
                 break
             except Exception as error:
                 self.stats.insert_failures += 1
+                self.metrics.sink_insert_failures.inc()
+                self.metrics.clickhouse_ok = False
                 log.warning("ClickHouse insert of %d rows failed (%s: %s); retrying in %.1fs",
                             self._batch.rows, type(error).__name__, str(error)[:200], delay)
                 if not paused:
                     self._consumer.pause(self._consumer.assignment())
+                    self.metrics.paused_partitions.set(len(self.assigned))
                     paused = True
                 self._wait_polling(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
@@ -206,7 +239,10 @@ class ClickHouseSink:
         self._commit(self._batch)
         if paused:
             self._consumer.resume(self._consumer.assignment())
+            self.metrics.paused_partitions.set(0)
         self.stats.flushes += 1
+        self.metrics.clickhouse_ok = True
+        self.metrics.sink_batch_rows.observe(self._batch.rows)
         self._batch = Batch()
 
     def _wait_polling(self, seconds: float) -> None:
@@ -215,20 +251,26 @@ class ClickHouseSink:
         while time.monotonic() < deadline and not self._stop.is_set():
             for message in self._consumer.consume(num_messages=100, timeout=min(0.1, seconds)):
                 self._accept(message)  # fetched before the pause took effect; kept in the batch
+            self._observe()
 
     def _insert(self, batch: Batch) -> None:
         for topic, table in self._topics.items():
             rows = batch.rows_for(topic)
             if not rows or topic in batch.inserted_topics:
                 continue
-            columns = EVENT_COLUMNS if table == EVENTS_TABLE else DEAD_LETTER_COLUMNS
+            columns = _COLUMNS[table]
+            started = time.perf_counter()
             with self._lock:
                 self._client.insert(table, rows, column_names=list(columns),
                                     database=self._settings.clickhouse.database,
                                     settings=dedup_settings(batch.token(topic)))
+            self.metrics.stage_seconds.labels("insert").observe(time.perf_counter() - started)
+            self.metrics.sink_rows.labels(table).inc(len(rows))
             batch.inserted_topics.add(topic)
             if table == EVENTS_TABLE:
                 self.stats.inserted_events += len(rows)
+            elif table == AGGREGATES_TABLE:
+                self.stats.inserted_aggregates += len(rows)
             else:
                 self.stats.inserted_dead_letters += len(rows)
 
@@ -236,11 +278,15 @@ class ClickHouseSink:
         offsets = [TopicPartition(t, p, entry.last + 1) for (t, p), entry in batch.partitions.items()
                    if (t, p) in self.assigned]
         if offsets:
+            started = time.perf_counter()
             self._consumer.commit(offsets=offsets, asynchronous=False)
+            self.metrics.commit_seconds.labels("sync").observe(time.perf_counter() - started)
+            self._lag.committed({(o.topic, o.partition): o.offset for o in offsets})
 
     # ------------------------------------------------------------ rebalancing
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.metrics.rebalances.labels("assign").inc()
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         for topic in {p.topic for p in partitions}:
             with self._lock:
@@ -252,6 +298,7 @@ class ClickHouseSink:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush so the next owner starts after our rows; if ClickHouse is down, hand the revoked
         partitions' rows back uninserted (the next owner replays them) and keep the rest."""
+        self.metrics.rebalances.labels("revoke").inc()
         if self._failed:
             self._forget(partitions)
             return
@@ -266,12 +313,14 @@ class ClickHouseSink:
         self._forget(partitions)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.metrics.rebalances.labels("lost").inc()
         self._batch = self._batch.without({(p.topic, p.partition) for p in partitions})
         self._forget(partitions)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}
         self.assigned -= gone
+        self._lag.forget(gone)
         for tp in gone:
             self._resume_after.pop(tp, None)
 
@@ -281,11 +330,19 @@ def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = N
     SIGTERM/SIGINT, flush and commit, exit 0."""
     import signal
 
+    import json
+
     from emofleet.schemas.codec import make_codec
     from emofleet.sinks.clickhouse import connect
     from emofleet.sinks.query_server import QueryServer, direct_runner
     from emofleet.sinks.schema import check_drift, migrate
+    from emofleet.streams.config import describe
+    from emofleet.streams.metrics import serve, sink_health
 
+    log.info("starting sink with settings %s", json.dumps(describe(settings)))
+    metrics = Metrics("sink")
+    metrics_server = serve(settings.observability, metrics, sink_health(
+        metrics, settings.kafka.client_config(), settings.observability))
     client = connect(settings.clickhouse, settings.clickhouse_dsn)
     applied = migrate(client, settings.clickhouse.database)
     if applied:
@@ -297,7 +354,7 @@ def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = N
         server = QueryServer(direct_runner(client, lock), settings.data_dir)
         server.start()
     sink = ClickHouseSink(settings, client, make_codec(settings.kafka.schema_registry_url), client_lock=lock,
-                          before_commit=before_commit)
+                          before_commit=before_commit, metrics=metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sink.stop())
     log.info("sink: %s + %s -> %s", settings.kafka.results_topic, settings.kafka.dead_letter_topic,
@@ -307,5 +364,7 @@ def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = N
     finally:
         if server:
             server.stop()
+        if metrics_server:
+            metrics_server.stop()
         client.close()
     return 0

@@ -129,6 +129,7 @@ class ObservabilitySettings:
     metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = no HTTP server (containers set 9400)
     metrics_host: str = "0.0.0.0"
     stall_seconds: float = 60.0  # /healthz fails when the poll loop has not turned for this long
+    startup_seconds: float = 900.0  # ... or when it has not started this long after launch (model download)
     lag_interval_seconds: float = 5.0  # how often consumer lag per partition is recomputed
     log_format: str = "text"  # text | json
 

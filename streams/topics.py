@@ -26,8 +26,9 @@ class TopicStatus:
 
 
 def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
-    """Audio in, emotions out, dead letters and alerts; all with the configured layout."""
-    names = (kafka.audio_topic, kafka.results_topic, kafka.dead_letter_topic, kafka.alerts_topic)
+    """Audio in, emotions out, dead letters, alerts and window aggregates; all with the configured layout."""
+    names = (kafka.audio_topic, kafka.results_topic, kafka.dead_letter_topic, kafka.alerts_topic,
+             kafka.aggregates_topic)
     return [TopicSpec(name, kafka.partitions, kafka.replication_factor) for name in names]
 
 

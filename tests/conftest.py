@@ -52,6 +52,7 @@ def settings(kafka_bootstrap: str, redis_url: str, unique: str, tmp_path: Path) 
         results_topic=f"{unique}.emotions",
         dead_letter_topic=f"{unique}.dead-letters",
         alerts_topic=f"{unique}.alerts",
+        aggregates_topic=f"{unique}.aggregates",
         partitions=4,
         processor_group=f"{unique}.processors",
         sink_group=f"{unique}.sink",

@@ -217,7 +217,7 @@ def test_strict_weight_check(tiny: EmotionModel, cache_dir: Path, tmp_path: Path
     if damage == "missing":
         del state["proj.weight"]
     elif damage == "unexpected":
-        state["modality_encoders.AUDIO.decoder.proj.weight"] = torch.zeros(3)
+        state["blocks.0.attn.extra.weight"] = torch.zeros(3)
     else:
         state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"][:-1]
     torch.save(state, directory / "model.pt")

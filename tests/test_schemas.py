@@ -25,7 +25,8 @@ from emofleet.schemas.codec import (
 )
 
 TOPICS = {"audio_reference": "emofleet.audio", "emotion_event": "emofleet.emotions",
-          "dead_letter": "emofleet.dead-letters"}
+          "dead_letter": "emofleet.dead-letters", "emotion_aggregate": "emofleet.aggregates",
+          "emotion_alert": "emofleet.alerts"}
 
 # Values that float32 represents exactly, so round trips compare with ==.
 SCORES = {"angry": 0.0, "disgusted": 0.0, "fearful": 0.0, "happy": 0.125, "neutral": 0.75, "other": 0.0,
@@ -55,6 +56,21 @@ RECORDS: dict[str, dict[str, Any]] = {
         "stage": "fetch", "attempts": 3, "audio_id": "clip-1", "uri": "file:///x.wav",
         "failed_at": 1_767_225_602_000, "processor": "emofleet-processors-1-abc",
     },
+    "emotion_aggregate": {
+        "aggregate_id": "0f" * 16, "scope": "source", "tenant": "acme", "scope_value": "contact-center",
+        "window_type": "hopping", "window_size_seconds": 300, "window_hop_seconds": 60,
+        "window_start": 1_767_225_600_000, "window_end": 1_767_225_900_000, "clips": 3,
+        "label_counts": {"angry": 2, "disgusted": 0, "fearful": 0, "happy": 0, "neutral": 1, "other": 0, "sad": 0,
+                         "surprised": 0, "unknown": 0},
+        "mean_confidence": 0.625, "negativity": 2 / 3, "first_event_at": 1_767_225_600_123,
+        "last_event_at": 1_767_225_899_999,
+    },
+    "emotion_alert": {
+        "alert_id": "1e" * 16, "rule": "angry_streak", "scope": "call", "tenant": "acme", "scope_value": "call-9",
+        "window_start": 1_767_225_600_123, "window_end": 1_767_225_610_123, "clips": 3, "value": 3.0,
+        "threshold": 3.0, "min_clips": 3, "event_ids": ["a" * 64, "b" * 64, "c" * 64],
+        "message": "3 angry clips in a row in call acme/call-9",
+    },
 }
 
 # Only the fields without a default: what a minimal producer sends.
@@ -63,6 +79,8 @@ REQUIRED_ONLY = {
     "dead_letter": {k: v for k, v in RECORDS["dead_letter"].items() if k not in {"key", "headers", "audio_id", "uri"}},
     "emotion_event": {k: v for k, v in RECORDS["emotion_event"].items()
                       if k not in {"frame_scores", "embedding", "tenant", "source", "channel", "call_id", "attributes"}},
+    "emotion_aggregate": RECORDS["emotion_aggregate"],
+    "emotion_alert": {k: v for k, v in RECORDS["emotion_alert"].items() if k != "event_ids"},
 }
 
 EXPECTED_FIELDS = {
@@ -76,9 +94,16 @@ EXPECTED_FIELDS = {
     "dead_letter": ["dead_letter_id", "source_topic", "source_partition", "source_offset", "key", "payload", "headers",
                     "error_class", "error_message", "reason", "stage", "attempts", "audio_id", "uri", "failed_at",
                     "processor"],
+    "emotion_aggregate": ["aggregate_id", "scope", "tenant", "scope_value", "window_type", "window_size_seconds",
+                          "window_hop_seconds", "window_start", "window_end", "clips", "label_counts",
+                          "mean_confidence", "negativity", "first_event_at", "last_event_at"],
+    "emotion_alert": ["alert_id", "rule", "scope", "tenant", "scope_value", "window_start", "window_end", "clips",
+                      "value", "threshold", "min_clips", "event_ids", "message"],
 }
 TIMESTAMP_FIELDS = {"audio_reference": ["produced_at"], "emotion_event": ["processed_at", "reference_produced_at"],
-                    "dead_letter": ["failed_at"]}
+                    "dead_letter": ["failed_at"],
+                    "emotion_aggregate": ["window_start", "window_end", "first_event_at", "last_event_at"],
+                    "emotion_alert": ["window_start", "window_end"]}
 
 ALL_SCHEMA_FILES = sorted(SCHEMA_DIR.glob("*.avsc")) + sorted(HISTORY_DIR.glob("*.avsc"))
 

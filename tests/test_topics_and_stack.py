@@ -18,10 +18,11 @@ def test_topic_creation_is_idempotent(settings: Settings) -> None:
     first = ensure_topics(admin, specs)
     second = ensure_topics(admin, specs)
 
-    assert [s.outcome for s in first] == ["created"] * 4
-    assert [s.outcome for s in second] == ["exists"] * 4
+    assert [s.outcome for s in first] == ["created"] * 5
+    assert [s.outcome for s in second] == ["exists"] * 5
     assert {s.name for s in second} == {settings.kafka.audio_topic, settings.kafka.results_topic,
-                                        settings.kafka.dead_letter_topic, settings.kafka.alerts_topic}
+                                        settings.kafka.dead_letter_topic, settings.kafka.alerts_topic,
+                                        settings.kafka.aggregates_topic}
     assert all(s.partitions == settings.kafka.partitions for s in second)
 
 
@@ -57,11 +58,12 @@ def test_cli_topics_create_prints_what_exists(settings: Settings) -> None:
            "EMOFLEET_KAFKA_RESULTS_TOPIC": settings.kafka.results_topic,
            "EMOFLEET_KAFKA_DEAD_LETTER_TOPIC": settings.kafka.dead_letter_topic,
            "EMOFLEET_KAFKA_ALERTS_TOPIC": settings.kafka.alerts_topic,
+           "EMOFLEET_KAFKA_AGGREGATES_TOPIC": settings.kafka.aggregates_topic,
            "EMOFLEET_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
     run = lambda: subprocess.run([sys.executable, "-m", "emofleet.cli", "topics", "create", *env_args,
                                   "--partitions", "3"], env=env, capture_output=True, text=True, timeout=60)
     first, second = run(), run()
 
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created") == 4 and "partitions=3" in first.stdout
-    assert second.stdout.count("exists") == 4
+    assert first.stdout.count("created") == 5 and "partitions=3" in first.stdout
+    assert second.stdout.count("exists") == 5

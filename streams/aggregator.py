@@ -1,0 +1,610 @@
+"""`emofleet aggregate`: windowed emotion aggregates and alerts, a faust-streaming app over the results topic.
+
+Topology (all topics created up front with the configured partition count, see :func:`aggregator_topics`)::
+
+    results topic --route--> <app_id>-scopes (keyed by scope) --aggregate--> aggregates topic, alerts topic
+                                                                   |
+                                                 table "state" (changelog <app_id>-state-changelog)
+
+* ``route`` decodes each EmotionEvent and, for a whole-clip event, sends one observation per scope
+  (source, channel, call) keyed by the scope, so every scope's state lives in one partition.
+* ``aggregate`` (:class:`ScopeAggregator`) keeps all state in one faust table: per partition its event-time
+  watermark, per scope and window a :class:`~emofleet.streams.windows.WindowAgg`, per call a
+  :class:`~emofleet.streams.windows.CallRun`, per counted event a "seen" marker. The math and the
+  decisions are in :mod:`emofleet.streams.windows`; this module orders the state writes and outputs.
+
+Exactness under at-least-once (kill -9 anywhere, restart, replay of the uncommitted tail):
+
+1. Every table write made while processing partition ``p`` goes to changelog partition ``p`` through the
+   one producer, in order (aiokafka keeps one batch in flight per partition), so the state restored after
+   a crash is the state after some *prefix* of the writes. Faust commits an input offset only after
+   flushing the producer, so everything an offset caused is durable before the offset is committed.
+2. For one observation the writes are, in this order: each window aggregate (with ``last_event`` = this
+   event), the call's streak state, the watermark, alert flags, and last the ``seen`` marker of
+   (scope, event_id). On replay: ``seen`` present -> duplicate, skipped (this also catches the same
+   event_id published twice upstream or routed twice after a crash of ``route``); otherwise every window
+   whose ``last_event`` is this event already has it (a prefix of the writes reached it) and is skipped,
+   the others count it. So each event is counted exactly once per window.
+3. A window closes when the watermark passes ``end + grace``; it is emitted (key = deterministic
+   ``aggregate_id``), the producer is flushed, and only then is the window deleted from the table. A crash
+   in between replays the input and emits the very same record again (same key, same content):
+   downstream keeps one per ``aggregate_id``. Alerts likewise: sent and flushed before their flag is
+   written, deterministic ``alert_id``.
+4. ``seen`` markers are dropped once an event is more than grace + the longest window behind the
+   watermark; a duplicate arriving after that is late, and late events are never counted.
+
+Due work (closing windows, finalising streaks, dropping old markers) is found through an in-memory heap
+per partition, rebuilt from the table after every rebalance, so the table itself is the only state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from emofleet.streams.config import Settings
+from emofleet.streams.topics import TopicSpec
+from emofleet.streams.windows import (
+    AggregateConfig,
+    CallRun,
+    Observation,
+    Progress,
+    Streak,
+    WindowAgg,
+    closes_at,
+    is_late,
+    observations,
+)
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "state"
+HEARTBEAT_SECONDS = 1.0  # how often the router reports lane progress (only when it changed)
+_LOUD_LATE_EVENTS = 100  # log this many late events one by one, then only in the stats line
+
+
+def scope_topic(settings: Settings) -> str:
+    return f"{settings.aggregate.app_id}-scopes"
+
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.aggregate.app_id}-{TABLE_NAME}-changelog"
+
+
+def aggregator_topics(settings: Settings) -> list[TopicSpec]:
+    """The topics the aggregator reads and writes, with the configured layout. The results, aggregates
+    and alerts topics are pipeline topics (`emofleet topics create`); they are listed so the aggregator
+    can start on its own. The scope and changelog partitions must equal each other (faust co-partitioning)."""
+    kafka = settings.kafka
+    specs = [TopicSpec(name, kafka.partitions, kafka.replication_factor)
+             for name in (kafka.results_topic, kafka.aggregates_topic, kafka.alerts_topic, scope_topic(settings))]
+    specs.append(TopicSpec(changelog_topic(settings), kafka.partitions, kafka.replication_factor,
+                           {"cleanup.policy": "compact"}))
+    return specs
+
+
+# ------------------------------------------------------------------------------------ state keys
+
+# Table keys start with the input partition, so the state of one partition can be found after a restart.
+_META, _WINDOW, _RUN, _SEEN = "m", "w", "r", "s"
+
+
+def _meta_key(partition: int) -> str:
+    return f"{partition}:{_META}"
+
+
+def _window_key(partition: int, obs: Observation, spec_list: list[Any], start: int) -> str:
+    return f"{partition}:{_WINDOW}:" + json.dumps([obs.scope.key, spec_list, start], separators=(",", ":"),
+                                                 ensure_ascii=False)
+
+
+def _run_key(partition: int, obs: Observation) -> str:
+    return f"{partition}:{_RUN}:{obs.scope.key}"
+
+
+def _seen_key(partition: int, obs: Observation) -> str:
+    return f"{partition}:{_SEEN}:" + json.dumps([obs.scope.key, obs.event_id], separators=(",", ":"),
+                                               ensure_ascii=False)
+
+
+def _kind_of(key: str) -> str:
+    return key.split(":", 2)[1]
+
+
+@dataclass
+class AggregatorStats:
+    routed: int = 0  # observations sent by route
+    malformed: int = 0  # results that did not decode (the sink dead-letters them)
+    observations: int = 0
+    counted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    windows_emitted: int = 0
+    alerts_sent: int = 0
+
+    def line(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in vars(self).items())
+
+
+@dataclass
+class _Due:
+    """Min-heap of (watermark at which work is due, key) with lazy deletion: ``due[key]`` is the entry
+    that counts; older heap entries for the key are skipped when popped."""
+
+    heap: list[tuple[int, str]] = field(default_factory=list)
+    due: dict[str, int] = field(default_factory=dict)
+
+    def schedule(self, key: str, at: int) -> None:
+        if self.due.get(key) != at:
+            self.due[key] = at
+            heapq.heappush(self.heap, (at, key))
+
+    def pop_due(self, watermark: int) -> list[str]:
+        keys = []
+        while self.heap and self.heap[0][0] <= watermark:
+            at, key = heapq.heappop(self.heap)
+            if self.due.get(key) == at:
+                del self.due[key]
+                keys.append(key)
+        return keys
+
+
+@dataclass
+class Outputs:
+    """Where records go: ``send_aggregate(key, record)``, ``send_alert(key, record)`` (both awaitable,
+    may buffer) and ``flush()`` (returns when everything sent so far, table writes included, is durable)."""
+
+    send_aggregate: Callable[[str, dict[str, Any]], Awaitable[None]]
+    send_alert: Callable[[str, dict[str, Any]], Awaitable[None]]
+    flush: Callable[[], Awaitable[None]]
+
+
+class ScopeAggregator:
+    """The aggregate step over a mutable mapping (a faust table in production, a dict in unit tests).
+
+    Call :meth:`handle` for each observation of input partition ``partition``, in partition order, and
+    :meth:`forget` after a rebalance. See the module docstring for the order of writes.
+    """
+
+    def __init__(self, store: MutableMapping[str, Any], config: AggregateConfig, outputs: Outputs) -> None:
+        self.store = store
+        self.config = config
+        self.outputs = outputs
+        self.stats = AggregatorStats()
+        self._due: dict[int, _Due] = {}
+
+    def forget(self) -> None:
+        """Drop the in-memory indexes (after a rebalance the table may hold other partitions' state)."""
+        self._due.clear()
+
+    def progress(self, partition: int) -> Progress:
+        meta = self.store.get(_meta_key(partition))
+        if meta is None:
+            return Progress(self.config.lanes)
+        return replace(Progress.from_dict(meta), lanes=self.config.lanes)
+
+    def watermark(self, partition: int) -> int | None:
+        return self.progress(partition).watermark
+
+    async def handle(self, partition: int, obs: Observation) -> None:
+        """One observation of input partition ``partition`` (see the module docstring for the write order)."""
+        store, config = self.store, self.config
+        due = self._index(partition)
+        self.stats.observations += 1
+        progress = self.progress(partition)
+        watermark = progress.watermark
+        seen_key = _seen_key(partition, obs)
+        if seen_key in store:
+            self.stats.duplicates += 1
+            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
+        elif is_late(obs.t, watermark, config.grace_ms):
+            self.stats.late += 1
+            (log.info if self.stats.late <= _LOUD_LATE_EVENTS else log.debug)(
+                "late event %s of %s at %d dropped (watermark %d, grace %d ms)", obs.event_id, obs.scope.key,
+                obs.t, watermark, config.grace_ms)
+            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
+        else:
+            breaches = self._count(partition, obs, due)
+            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
+            if breaches:
+                await self._negativity_alerts(breaches)
+            store[seen_key] = {"t": obs.t}  # last: its presence means every write above is durable
+            due.schedule(seen_key, obs.t + config.grace_ms + config.retention_ms)
+            self.stats.counted += 1
+        if progress.watermark is not None:
+            await self._run_due(partition, progress.watermark, due)
+
+    async def heartbeat(self, partition: int, lane: int, t: int | None, idle: bool) -> None:
+        """The router's progress report for ``lane`` (see :class:`~emofleet.streams.windows.Progress`)."""
+        due = self._index(partition)
+        progress = self.progress(partition)
+        progress = self._advance(partition, progress, progress.heartbeat(lane, t, idle))
+        if progress.watermark is not None:
+            await self._run_due(partition, progress.watermark, due)
+
+    def _advance(self, partition: int, old: Progress, new: Progress) -> Progress:
+        if new != old:
+            self.store[_meta_key(partition)] = new.to_dict()
+        return new
+
+    def _count(self, partition: int, obs: Observation, due: _Due) -> list[tuple[str, WindowAgg]]:
+        """Add the observation to its windows and its call's streak state; return rule (a) breaches."""
+        store, config = self.store, self.config
+        breaches: list[tuple[str, WindowAgg]] = []
+        for spec in config.specs:
+            spec_list = spec.to_list()
+            for start, end in spec.windows(obs.t):
+                key = _window_key(partition, obs, spec_list, start)
+                current = store.get(key)
+                agg = WindowAgg.from_dict(current) if current is not None else WindowAgg(obs.scope, spec, start, end)
+                if agg.last_event != obs.event_id:  # else: counted before a crash, the seen marker was not
+                    agg = agg.add(obs)
+                    store[key] = agg.to_dict()
+                    due.schedule(key, closes_at(end, config.grace_ms))
+                if config.negativity.breached(agg):
+                    breaches.append((key, agg))
+        if obs.scope.kind == "call":
+            key = _run_key(partition, obs)
+            current = store.get(key)
+            run = CallRun.from_dict(current) if current is not None else CallRun(obs.scope)
+            if run.last_event != obs.event_id:
+                run = run.add(obs)
+                store[key] = run.to_dict()
+                due.schedule(key, run.due(config.grace_ms, config.retention_ms))
+        return breaches
+
+    async def _negativity_alerts(self, breaches: list[tuple[str, WindowAgg]]) -> None:
+        for _, agg in breaches:
+            alert = self.config.negativity.alert(agg)
+            await self.outputs.send_alert(alert["alert_id"], alert)
+            log.info("alert %s: %s", alert["alert_id"], alert["message"])
+        await self.outputs.flush()  # the alert is durable before its flag is
+        for key, agg in breaches:
+            self.store[key] = replace(agg, alerted=True).to_dict()
+        self.stats.alerts_sent += len(breaches)
+
+    async def _run_due(self, partition: int, watermark: int, due: _Due) -> None:
+        store, config = self.store, self.config
+        closing: list[tuple[str, WindowAgg]] = []
+        streaks: list[Streak] = []
+        finalized: list[tuple[str, CallRun]] = []
+        for key in due.pop_due(watermark):
+            value = store.get(key)
+            if value is None:
+                continue
+            kind = _kind_of(key)
+            if kind == _WINDOW:
+                agg = WindowAgg.from_dict(value)
+                if watermark >= closes_at(agg.end, config.grace_ms):
+                    closing.append((key, agg))
+                else:
+                    due.schedule(key, closes_at(agg.end, config.grace_ms))
+            elif kind == _SEEN:
+                if watermark >= value["t"] + config.grace_ms + config.retention_ms:
+                    del store[key]
+                else:
+                    due.schedule(key, value["t"] + config.grace_ms + config.retention_ms)
+            elif kind == _RUN:
+                run, found = CallRun.from_dict(value).finalize(watermark, config.grace_ms, config.angry_streak)
+                if found:
+                    streaks.extend(found)
+                    finalized.append((key, run))  # written after the alerts are durable
+                elif run.expired(watermark, config.grace_ms, config.retention_ms):
+                    del store[key]
+                else:
+                    if run != CallRun.from_dict(value):
+                        store[key] = run.to_dict()
+                    due.schedule(key, run.due(config.grace_ms, config.retention_ms))
+        if not closing and not streaks:
+            return
+        for _, agg in closing:
+            await self.outputs.send_aggregate(agg.aggregate_id, agg.record())
+        for streak in streaks:
+            alert = streak.alert(config.angry_streak)
+            await self.outputs.send_alert(alert["alert_id"], alert)
+            log.info("alert %s: %s", alert["alert_id"], alert["message"])
+        await self.outputs.flush()  # outputs durable before the state that says they were sent
+        for key, _ in closing:
+            del store[key]
+        for key, run in finalized:
+            store[key] = run.to_dict()
+            due.schedule(key, run.due(config.grace_ms, config.retention_ms))
+        self.stats.windows_emitted += len(closing)
+        self.stats.alerts_sent += len(streaks)
+        log.debug("partition %d at watermark %d: emitted %d windows, %d streak alerts", partition, watermark,
+                  len(closing), len(streaks))
+
+    def _index(self, partition: int) -> _Due:
+        """The partition's due heap, rebuilt from the table on first use after a start or rebalance."""
+        due = self._due.get(partition)
+        if due is not None:
+            return due
+        due = self._due[partition] = _Due()
+        config = self.config
+        prefix = f"{partition}:"
+        entries = 0
+        for key in [k for k in self.store.keys() if isinstance(k, str) and k.startswith(prefix)]:
+            value = self.store.get(key)
+            if value is None:
+                continue
+            kind = _kind_of(key)
+            if kind == _WINDOW:
+                due.schedule(key, closes_at(int(value["end"]), config.grace_ms))
+            elif kind == _SEEN:
+                due.schedule(key, int(value["t"]) + config.grace_ms + config.retention_ms)
+            elif kind == _RUN:
+                due.schedule(key, CallRun.from_dict(value).due(config.grace_ms, config.retention_ms))
+            entries += 1
+        if entries:
+            log.info("partition %d: %d state entries restored, watermark %s", partition, entries,
+                     self.watermark(partition))
+        return due
+
+
+@dataclass
+class LaneTracker:
+    """The router's view of its lanes (results-topic partitions): next offset to process and largest event
+    time per lane, and what was last reported, so heartbeats go out only when something changed."""
+
+    next_offset: dict[int, int] = field(default_factory=dict)
+    max_t: dict[int, int] = field(default_factory=dict)
+    reported: dict[int, tuple[int | None, bool]] = field(default_factory=dict)
+
+    def saw(self, lane: int, offset: int, t: int | None) -> None:
+        """Call after everything the message at ``offset`` caused was sent."""
+        self.next_offset[lane] = max(offset + 1, self.next_offset.get(lane, 0))
+        if t is not None:
+            self.max_t[lane] = max(t, self.max_t.get(lane, t))
+
+    def report(self, lane: int, highwater: int, committed: int | None) -> tuple[int | None, bool] | None:
+        """``(max event time, idle)`` to broadcast for ``lane``, or None when unchanged since the last report.
+        Idle = everything up to ``highwater`` (the log end from the last fetch) was processed."""
+        processed = max(self.next_offset.get(lane, 0), committed or 0)
+        state = (self.max_t.get(lane), processed >= highwater)
+        if self.reported.get(lane) == state:
+            return None
+        self.reported[lane] = state
+        return state
+
+    def forget_reports(self) -> None:
+        self.reported.clear()
+
+
+# ------------------------------------------------------------------------------------ the faust app
+
+
+def _broker_urls(bootstrap_servers: str) -> list[str]:
+    return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
+
+
+def _credentials(settings: Settings) -> Any:
+    kafka = settings.kafka
+    protocol = kafka.security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    import faust
+
+    context = ssl.create_default_context() if protocol in {"SSL", "SASL_SSL"} else None
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=kafka.sasl_username, password=str(kafka.sasl_password),
+                                     mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=context)
+    return faust.SSLCredentials(context)
+
+
+def log_end_offsets(client_config: dict[str, Any], hints: dict[tuple[str, int], int],
+                    timeout: float = 10.0) -> dict[tuple[str, int], int]:
+    """The true end offset of each partition, read from fetch responses (the end-of-partition event).
+
+    ``hints`` are end offsets from ListOffsets, which some Kafka-compatible brokers (Tansu, the embedded
+    broker) answer with the start of the last batch + 1 rather than the log end; reading starts one before
+    the hint. A partition that does not answer in time keeps its hint.
+    """
+    import time
+
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(client_config | {"group.id": "emofleet-log-end-probe", "enable.auto.commit": False,
+                                         "enable.partition.eof": True, "fetch.wait.max.ms": 10, "log_level": 0})
+    ends: dict[tuple[str, int], int] = {}
+    try:
+        consumer.assign([TopicPartition(topic, partition, max(hint - 1, 0))
+                         for (topic, partition), hint in hints.items()])
+        deadline = time.monotonic() + timeout
+        while len(ends) < len(hints) and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=1000, timeout=0.2):
+                error = message.error()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    ends[(message.topic(), message.partition())] = message.offset()
+    finally:
+        consumer.close()
+    return {tp: max(hint, ends.get(tp, hint)) for tp, hint in hints.items()}
+
+
+def _recover_to_the_log_end(app: Any, client_config: dict[str, Any]) -> None:
+    """Make faust's table recovery read each changelog partition to its true end.
+
+    Faust stops recovering a partition at the end offset ListOffsets reports. On brokers that report the
+    start of the last batch instead (Tansu), the rest of that batch would never be applied and the restored
+    state would miss the newest writes. Real Kafka reports the true end, and this changes nothing there.
+    """
+    import asyncio
+
+    recovery = app.tables.recovery
+    build_highwaters = recovery._build_highwaters
+
+    async def _build_highwaters(consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        await build_highwaters(consumer, tps, destination, title)  # faust stores end - 1 (the last offset)
+        hints = {(tp.topic, tp.partition): destination[tp] + 1 for tp in tps}
+        if not hints:
+            return
+        ends = await asyncio.to_thread(log_end_offsets, client_config, hints)
+        for tp in tps:
+            true_last = ends[(tp.topic, tp.partition)] - 1
+            if true_last != destination[tp]:
+                log.info("changelog %s[%d]: recovering to offset %d (the broker reported %d)", tp.topic,
+                         tp.partition, true_last, destination[tp])
+                destination[tp] = true_last
+
+    recovery._build_highwaters = _build_highwaters
+
+
+def build_app(settings: Settings, lanes: int | None = None) -> Any:
+    """The faust app for these settings (nothing global): topics, the state table, both agents.
+
+    ``lanes`` is the partition count of the results topic (default ``settings.kafka.partitions``).
+    """
+    import faust
+
+    from emofleet.schemas.codec import SchemaError, make_codec
+
+    kafka, agg = settings.kafka, settings.aggregate
+    config = AggregateConfig.from_settings(agg, lanes or kafka.partitions)
+    codec = make_codec(kafka.schema_registry_url)
+    data_dir = (settings.data_dir / "aggregator" / agg.app_id).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        agg.app_id,
+        broker=_broker_urls(kafka.bootstrap_servers),
+        broker_credentials=_credentials(settings),
+        processing_guarantee="at_least_once",
+        store="memory://",
+        datadir=str(data_dir),
+        autodiscover=False,
+        web_enabled=agg.web_port > 0,
+        web_port=agg.web_port or 6066,
+        web_bind="127.0.0.1",
+        web_host="127.0.0.1",
+        broker_session_timeout=kafka.session_timeout_ms / 1000,
+        broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,
+        broker_commit_interval=agg.commit_interval_seconds,
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    results = app.topic(kafka.results_topic, key_type=bytes, value_type=bytes)
+    scopes = app.topic(scope_topic(settings), partitions=kafka.partitions, value_serializer="json")
+    aggregates = app.topic(kafka.aggregates_topic)
+    alerts = app.topic(kafka.alerts_topic)
+    table = app.Table(TABLE_NAME, partitions=kafka.partitions,
+                      schema=faust.Schema(key_serializer="json", value_serializer="json"))
+
+    async def send_aggregate(key: str, record: dict[str, Any]) -> None:
+        value = codec.encode("emotion_aggregate", record, topic=kafka.aggregates_topic)
+        await aggregates.send(key=key.encode(), value=value)
+
+    async def send_alert(key: str, record: dict[str, Any]) -> None:
+        value = codec.encode("emotion_alert", record, topic=kafka.alerts_topic)
+        await alerts.send(key=key.encode(), value=value)
+
+    _recover_to_the_log_end(app, kafka.client_config())
+    aggregator = ScopeAggregator(table, config, Outputs(send_aggregate, send_alert, app.producer.flush))
+    stats = aggregator.stats
+    app.aggregator = aggregator  # for tests and introspection
+
+    tracker = LaneTracker()
+
+    @app.agent(results, name="route")
+    async def route(stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            try:
+                record = codec.decode("emotion_event", event.value, topic=kafka.results_topic)
+            except SchemaError as error:
+                stats.malformed += 1
+                log.warning("skipping undecodable result at %s[%d]@%d: %s", message.topic, message.partition,
+                            message.offset, error)
+                tracker.saw(message.partition, message.offset, None)
+                continue
+            for obs in observations(record, lane=message.partition):
+                await scopes.send(key=obs.scope.key.encode(), value=obs.to_dict())
+                stats.routed += 1
+            tracker.saw(message.partition, message.offset, int(record["reference_produced_at"]))
+
+    @app.timer(interval=HEARTBEAT_SECONDS)
+    async def heartbeats() -> None:
+        """Tell every aggregator partition how far each of our lanes is, and whether it is idle."""
+        consumer = app.consumer
+        try:
+            assignment = sorted(tp for tp in consumer.assignment() if tp.topic == kafka.results_topic)
+            highwaters = {tp: consumer.highwater(tp) for tp in assignment}
+        except Exception:  # noqa: BLE001 - consumer not started or rebalancing: next tick
+            return
+        committed = getattr(consumer, "_committed_offset", {})  # where faust resumed each partition
+        for tp in assignment:
+            highwater = highwaters[tp]
+            if highwater is None:
+                continue
+            report = tracker.report(tp.partition, highwater, committed.get(tp))
+            if report is None:
+                continue
+            value = {"heartbeat": {"lane": tp.partition, "t": report[0], "idle": report[1]}}
+            for partition in range(kafka.partitions):
+                await scopes.send(key=None, value=value, partition=partition)
+
+    @app.agent(scopes, name="aggregate")
+    async def aggregate(stream: Any) -> None:
+        async for event in stream.events():
+            value = event.value
+            if "heartbeat" in value:
+                beat = value["heartbeat"]
+                await aggregator.heartbeat(event.message.partition, int(beat["lane"]), beat["t"], bool(beat["idle"]))
+            else:
+                await aggregator.handle(event.message.partition, Observation.from_dict(value))
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(*_args: Any, **_kwargs: Any) -> None:
+        aggregator.forget()
+        tracker.forget_reports()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(*_args: Any, **_kwargs: Any) -> None:
+        aggregator.forget()
+        tracker.forget_reports()
+
+    @app.timer(interval=10.0)
+    async def report() -> None:
+        log.info("aggregate stats: %s", stats.line())
+
+    @app.on_before_shutdown.connect
+    async def final_report(*_args: Any, **_kwargs: Any) -> None:
+        log.info("aggregate stats: %s", stats.line())
+
+    return app
+
+
+def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
+    """Create the topics, then run one faust worker until SIGTERM/SIGINT (commit on the way out)."""
+    import faust
+    from confluent_kafka.admin import AdminClient
+
+    from emofleet.streams.topics import ensure_topics
+
+    from aiokafka.codec import has_lz4
+
+    if not has_lz4():
+        log.error("aiokafka cannot decompress lz4, the compression the processors publish with: install cramjam "
+                  "(aiokafka's codec library, `pip install cramjam`)")
+        return 2
+    AggregateConfig.from_settings(settings.aggregate)  # bad window settings fail before anything starts
+    admin = AdminClient(settings.kafka.client_config())
+    topics = {status.name: status.partitions for status in ensure_topics(admin, aggregator_topics(settings))}
+    if topics[scope_topic(settings)] != topics[changelog_topic(settings)]:
+        raise RuntimeError(f"{scope_topic(settings)} and {changelog_topic(settings)} must have the same partition "
+                           f"count (they have {topics[scope_topic(settings)]} and {topics[changelog_topic(settings)]})")
+    app = build_app(settings, lanes=topics[settings.kafka.results_topic])
+    log.info("aggregate: %s -> %s + %s (app %s)", settings.kafka.results_topic, settings.kafka.aggregates_topic,
+             settings.kafka.alerts_topic, settings.aggregate.app_id)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
