@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -75,21 +76,29 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from confluent_kafka.admin import AdminClient
-
     from emofleet.streams.topics import ensure_topics, partition_counts, pipeline_topics
 
     settings = load_settings(args)
-    admin = AdminClient(settings.kafka.client_config())
+    admin = _admin(settings)
     specs = pipeline_topics(settings.kafka)
     if args.action == "create":
-        for status in ensure_topics(admin, specs):
-            print(f"{status.outcome:<8} {status.name}  partitions={status.partitions}")
+        _print_topics(ensure_topics(admin, specs))
     else:
         counts = partition_counts(admin, [s.name for s in specs])
         for spec in specs:
             print(f"{spec.name}  partitions={counts.get(spec.name, 'missing')}")
     return 0
+
+
+def _admin(settings: cfg.Settings) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient(settings.kafka.client_config())
+
+
+def _print_topics(statuses: list[Any]) -> None:
+    for status in statuses:
+        print(f"{status.outcome:<8} {status.name}  partitions={status.partitions}")
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -129,47 +138,80 @@ def _produce(settings: cfg.Settings, items: list[Any]) -> tuple[Any, int]:
     return producer.report, len(errors) + len(producer.report.failed)
 
 
+def _start_backend(base: cfg.Settings, stack: contextlib.ExitStack) -> cfg.Settings:
+    """Kafka, Redis and ClickHouse for `up`, from EMOFLEET_BACKEND (infra/backends.py)."""
+    from emofleet.infra.backends import backend_name, containers, external_endpoints
+    from emofleet.infra.local_stack import LocalStack
+
+    backend = backend_name()
+    if backend == "embedded":
+        state = LocalStack(base.data_dir, base.cache.redis_url).start()
+        print(f"stack up: broker {state.bootstrap_servers}, redis {state.redis_url}, chdb {state.chdb_path}")
+        return cfg.with_overrides(base, kafka__bootstrap_servers=state.bootstrap_servers,
+                                  cache__redis_url=state.redis_url)
+    endpoints = external_endpoints() if backend == "external" else stack.enter_context(containers())
+    print(f"{backend} backend: broker {endpoints.bootstrap_servers}, clickhouse {endpoints.clickhouse_dsn}")
+    return cfg.with_overrides(base, kafka__bootstrap_servers=endpoints.bootstrap_servers,
+                              cache__redis_url=endpoints.redis_url, clickhouse__dsn=endpoints.clickhouse_dsn,
+                              clickhouse__username=endpoints.clickhouse_username,
+                              clickhouse__password=endpoints.clickhouse_password,
+                              kafka__schema_registry_url=endpoints.schema_registry_url or None)
+
+
+def _stored_rows_runner(settings: cfg.Settings, stack: contextlib.ExitStack) -> Callable[[], Any]:
+    from emofleet.sinks.query_server import direct_runner, owner_runner
+
+    if settings.clickhouse_dsn.startswith("chdb://"):
+        return lambda: owner_runner(settings.data_dir)
+    from emofleet.sinks.clickhouse import connect
+
+    client = connect(settings.clickhouse, settings.clickhouse_dsn)
+    stack.callback(client.close)
+    run = direct_runner(client)
+    return lambda: run
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import time
 
-    from emofleet.infra.local_stack import LocalStack
     from emofleet.samples import write_samples
     from emofleet.streams.references import references_from_paths
+    from emofleet.streams.topics import ensure_topics, pipeline_topics
     from emofleet.up import Supervisor, child_env, pipeline_commands, wait_until_stored
 
-    base = cfg.with_overrides(cfg.from_env(), data_dir=args.data_dir)
-    state = LocalStack(base.data_dir, base.cache.redis_url).start()
-    print(f"stack up: broker {state.bootstrap_servers}, redis {state.redis_url}, chdb {state.chdb_path}")
-    cmd_topics(argparse.Namespace(**vars(args), action="create"))
-    settings = load_settings(args)
-    if args.audio:
-        audio = Path(args.audio).resolve()
-        paths, root = [str(audio)], audio if audio.is_dir() else audio.parent
-    else:
-        root = (settings.data_dir / "samples").resolve()
-        paths = [str(p) for p in write_samples(root, args.samples)]
-    settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
-    logs = settings.data_dir / "logs"
-    supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port),
-                            child_env(settings), logs)
-    supervisor.start()
-    started = time.monotonic()
-    try:
+    with contextlib.ExitStack() as stack:
+        base = load_settings(args)
+        settings = _start_backend(base, stack)
+        _print_topics(ensure_topics(_admin(settings), pipeline_topics(settings.kafka)))
+        if args.audio:
+            audio = Path(args.audio).resolve()
+            paths, root = [str(audio)], audio if audio.is_dir() else audio.parent
+        else:
+            root = (settings.data_dir / "samples").resolve()
+            paths = [str(p) for p in write_samples(root, args.samples)]
+        settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
+        logs = settings.data_dir / "logs"
+        supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port),
+                                child_env(settings), logs)
+        supervisor.start()
+        stack.callback(supervisor.stop)
+        started = time.monotonic()
         report, failed = _produce(settings, list(references_from_paths(paths, defaults={"source": "up"})))
-        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s) and the sink "
-              f"running, logs in {logs}")
+        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink "
+              f"and the aggregator running, logs in {logs}")
         with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
-            stored = wait_until_stored(settings, report.ranges, supervisor, timeout=args.timeout, progress=bar)
+            stored = wait_until_stored(settings, report.ranges, supervisor, timeout=args.timeout, progress=bar,
+                                       runner=_stored_rows_runner(settings, stack))
         print(f"{stored}/{report.sent} references stored in ClickHouse in {time.monotonic() - started:.1f}s\n")
-        cmd_report(argparse.Namespace(**vars(args), plot=None))
+        run, close = _query_runner(settings)
+        stack.callback(close)
+        _print_report(run, settings, plot=None)
         if args.keep_running:
             print("pipeline keeps running (Ctrl-C stops it); try `emofleet report` in another terminal")
             while True:
                 supervisor.check()
                 time.sleep(1)
         return 0 if stored == report.sent and not failed else 1
-    finally:
-        supervisor.stop()
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -229,19 +271,23 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from emofleet.sinks.analytics import build_report, format_report, plot_report
-
     settings = load_settings(args)
     run, close = _query_runner(settings)
     try:
-        report = build_report(run, settings.clickhouse.database, since=None)
+        _print_report(run, settings, plot=Path(args.plot) if args.plot else None)
     finally:
         close()
-    print(format_report(report))
-    if args.plot:
-        plot_report(report, Path(args.plot))
-        print(f"plot written to {args.plot}")
     return 0
+
+
+def _print_report(run: Any, settings: cfg.Settings, plot: Path | None) -> None:
+    from emofleet.sinks.analytics import build_report, format_report, plot_report
+
+    report = build_report(run, settings.clickhouse.database, since=None)
+    print(format_report(report))
+    if plot:
+        plot_report(report, plot)
+        print(f"plot written to {plot}")
 
 
 def _configure_logging(level: str, settings: cfg.Settings | None = None) -> None:
@@ -387,6 +433,8 @@ def _user_message(error: Exception) -> tuple[str | None, str]:
         return str(error), "see `emofleet config` for the effective settings"
     if isinstance(error, StackError):
         return str(error), "`emofleet stack status` shows what runs"
+    if type(error).__name__ == "BackendError":
+        return str(error), "EMOFLEET_BACKEND=embedded needs nothing but this machine"
     if type(error).__name__ == "QueryError":
         return str(error), "queries are read-only; tables: emotion_events, dead_letters, emotion_minutes, emotion_frames"
     if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError"}:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,16 +90,17 @@ def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int
 
 
 def wait_until_stored(settings: Settings, ranges: dict[int, tuple[int, int, int]], supervisor: Supervisor, *,
-                      timeout: float, progress: object) -> int:
-    """Follow ClickHouse (through the sink's query server) until every reference is stored."""
-    from emofleet.sinks.query_server import QueryError, owner_runner
+                      runner: Callable[[], QueryRunner | None], timeout: float, progress: object) -> int:
+    """Follow ClickHouse until every reference is stored; ``runner`` gives a way in once there is one
+    (the sink's query server for embedded chDB, which only exists once the sink has started)."""
+    from emofleet.sinks.query_server import QueryError
 
     expected = sum(count for *_, count in ranges.values())
     deadline = time.monotonic() + timeout
     settled = 0
     while settled < expected and time.monotonic() < deadline:
         supervisor.check()
-        run = owner_runner(settings.data_dir)
+        run = runner()
         if run is not None:
             try:
                 now = settled_in_clickhouse(run, settings, ranges)

@@ -8,11 +8,12 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0) -> list[Message]:
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60.0,
+               isolation: str = "read_uncommitted") -> list[Message]:
     """All messages of ``topic`` from the beginning, once at least ``expected`` arrived (or timeout)."""
     partitions = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10).topics[topic].partitions
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
-                         "enable.auto.commit": False, "log_level": 0})
+                         "enable.auto.commit": False, "log_level": 0, "isolation.level": isolation})
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     messages: list[Message] = []
     deadline = time.monotonic() + timeout

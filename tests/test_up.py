@@ -12,7 +12,7 @@ import pytest
 from emofleet.sinks.clickhouse import connect
 from emofleet.streams.config import ClickHouseSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backend("embedded", reason="reads the chDB directory `up` creates")]
 
 
 def test_up_puts_every_clip_in_clickhouse_exactly_once(tmp_path: Path, unique: str, redis_url: str) -> None:
