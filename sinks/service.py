@@ -58,12 +58,14 @@ class Batch:
     """Rows waiting for one flush, per source partition, with the offset range each covers."""
 
     partitions: dict[tuple[str, int], PartitionRows] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # when its first message arrived
     rows: int = 0
     inserted_topics: set[str] = field(default_factory=set)  # inserts that already landed
 
     def add(self, topic: str, partition: int, offset: int, row: list[Any] | None) -> None:
         """Record a position; ``row`` None means "nothing to insert" (a replay already stored)."""
+        if not self.partitions:
+            self.started = time.monotonic()  # the time bound counts from the first message, not the last flush
         entry = self.partitions.setdefault((topic, partition), PartitionRows(offset, offset))
         entry.last = offset
         if row is not None:
@@ -259,6 +261,10 @@ class ClickHouseSink:
             if not rows or topic in batch.inserted_topics:
                 continue
             columns = _COLUMNS[table]
+            if columns[-1] == "inserted_at":  # stamped at insert time (a retry keeps its dedup token)
+                now = datetime.now(UTC)
+                for row in rows:
+                    row[-1] = now
             started = time.perf_counter()
             with self._lock:
                 self._client.insert(table, rows, column_names=list(columns),
