@@ -196,7 +196,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.start()
         stack.callback(supervisor.stop)
         started = time.monotonic()
-        report, failed = _produce(settings, list(references_from_paths(paths, defaults={"source": "up"})))
+        report, failed = _produce(settings, list(references_from_paths(paths, defaults={"tenant": "demo", "source": "up"})))
         print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink "
               f"and the aggregator running, logs in {logs}")
         with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
@@ -367,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
     up.add_argument("--keep-running", action="store_true", help="leave the processors running afterwards")
-    _add_observability(up, "serve /metrics /healthz /readyz: processors on PORT, PORT+1, ..., the sink next "
-                           "(default 0: off)")
+    _add_observability(up, "serve /metrics /healthz /readyz: processors on PORT, PORT+1, ..., the sink, then the "
+                           "aggregator (default 0: off)")
 
     process = command("process", cmd_process,
                       "run one member of the processor group: audio references in, emotion events out")
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--grace-seconds", dest="aggregate__grace_seconds", type=int,
                            help="out-of-order events up to this far behind the watermark still count (default 30)")
     aggregate.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    _add_observability(aggregate, "serve /metrics /healthz /readyz on this port (default 0: off; containers use "
+                                   "9400)")
 
     query = command("query", cmd_query, "run a read-only SQL query against the analytics tables")
     query.add_argument("sql", help='e.g. "SELECT label, count() FROM emofleet.emotion_events GROUP BY label"')

@@ -61,7 +61,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 def pipeline_commands(processors: int, metrics_port: int = 0) -> dict[str, list[str]]:
     """Child command lines; with ``metrics_port`` each child gets its own port: processors ``metrics_port + i``,
-    the sink ``metrics_port + processors`` (0: no metrics endpoints)."""
+    the sink ``metrics_port + processors``, the aggregator the next one (0: no metrics endpoints)."""
     cli = [sys.executable, "-m", "emofleet.cli"]
 
     def port(index: int) -> list[str]:
@@ -69,7 +69,7 @@ def pipeline_commands(processors: int, metrics_port: int = 0) -> dict[str, list[
 
     return ({f"processor-{i}": [*cli, "process", *port(i)] for i in range(processors)}
             | {"sink": [*cli, "sink", *port(processors)]}
-            | {"aggregator": [*cli, "aggregate"]})
+            | {"aggregator": [*cli, "aggregate", *port(processors + 1)]})
 
 
 def settled_in_clickhouse(run: QueryRunner, settings: Settings, ranges: dict[int, tuple[int, int, int]]) -> int:

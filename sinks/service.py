@@ -9,6 +9,11 @@
   there: a crash between insert and commit replays them, and they are not inserted again. A
   partition's rows are inserted in offset order and a batch is retried until it lands, so what is
   stored is always a prefix.
+- A processor killed after producing results but before committing its offsets makes the group process
+  those references again: the same ``event_id`` (or ``dead_letter_id``) arrives again at a new position.
+  The sink remembers the last ``RECENT_IDS`` ids per table (its own rows, plus the newest stored rows
+  read back on every assignment) and drops repeats, so rows are unique without ``FINAL`` as long as a
+  replay arrives within that many rows of the original (rows handed back uninserted are forgotten).
 - ClickHouse down or an insert failing: retry with backoff, consumption paused, polling continues
   (so the group keeps the member), nothing committed, nothing lost.
 - A record that does not decode goes to the dead-letter topic (from the results topic) or into the
@@ -21,7 +26,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +38,7 @@ from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.sinks.clickhouse import dedup_settings
 from emofleet.sinks.rows import (AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, aggregate_row, dead_letter_row,
                                  event_row)
-from emofleet.sinks.schema import AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, last_offsets
+from emofleet.sinks.schema import AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, last_offsets, quote_identifier
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import consumer_config
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
@@ -42,8 +48,10 @@ from emofleet.streams.metrics import LagMonitor, Metrics
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 10.0
+RECENT_IDS = 100_000  # ids remembered per table to drop processor replays (~20 MB each when full)
 _COLUMNS = {EVENTS_TABLE: EVENT_COLUMNS, DEAD_LETTERS_TABLE: DEAD_LETTER_COLUMNS,
             AGGREGATES_TABLE: AGGREGATE_COLUMNS}
+assert EVENT_COLUMNS[0] == "event_id" and DEAD_LETTER_COLUMNS[0] == "dead_letter_id"  # RecentIds keys
 
 
 @dataclass
@@ -85,19 +93,60 @@ class Batch:
         return hashlib.sha256(spans.encode()).hexdigest()[:32]
 
 
+class RecentIds:
+    """The last ``capacity`` ids remembered, oldest forgotten first; ``capacity`` 0 remembers nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> bool:
+        """Remember ``key``; False when it was remembered already (a repeat)."""
+        if self.capacity <= 0:
+            return True
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+    def update(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.add(key)
+
+    def discard(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._ids.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+def stored_ids(client: Any, database: str, table: str, topic: str, limit: int) -> list[str]:
+    """Ids (first column of ``table``) of the newest ``limit`` rows that came from ``topic``, oldest first."""
+    column = quote_identifier(_COLUMNS[table][0])
+    rows = client.query(f"SELECT {column} FROM {quote_identifier(database)}.{quote_identifier(table)} "
+                        f"WHERE kafka_topic = {{topic:String}} ORDER BY inserted_at DESC LIMIT {int(limit)}",
+                        parameters={"topic": topic}).result_rows
+    return [row[0] for row in reversed(rows)]
+
+
 @dataclass
 class SinkStats:
     inserted_events: int = 0
     inserted_dead_letters: int = 0
     inserted_aggregates: int = 0
     skipped_replays: int = 0
+    skipped_duplicates: int = 0  # processor replays: an id this sink already stored
     insert_failures: int = 0
     flushes: int = 0
 
 
 class ClickHouseSink:
     def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
-                 before_commit: Callable[[], None] | None = None, metrics: Metrics | None = None) -> None:
+                 before_commit: Callable[[], None] | None = None, metrics: Metrics | None = None,
+                 recent_ids: int = RECENT_IDS) -> None:
         self._settings = settings
         self.metrics = metrics or Metrics("sink")
         self._client = client
@@ -113,6 +162,7 @@ class ClickHouseSink:
         self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, settings.observability.lag_interval_seconds)
         self._batch = Batch()
         self._resume_after: dict[tuple[str, int], int] = {}
+        self._recent = {EVENTS_TABLE: RecentIds(recent_ids), DEAD_LETTERS_TABLE: RecentIds(recent_ids)}
         self._stop = threading.Event()
         self._failed = False
         self.stats = SinkStats()
@@ -171,7 +221,13 @@ class ClickHouseSink:
             self.metrics.sink_skipped_replays.inc()
             self._batch.add(topic, partition, offset, None)
             return
-        self._batch.add(topic, partition, offset, self._row(message, datetime.now(UTC)))
+        row = self._row(message, datetime.now(UTC))
+        recent = self._recent.get(self._topics[topic])
+        if row is not None and recent is not None and not recent.add(row[0]):
+            self.stats.skipped_duplicates += 1  # a processor replay of a stored row; see module docstring
+            self.metrics.sink_skipped_replays.inc()
+            row = None
+        self._batch.add(topic, partition, offset, row)
 
     def _row(self, message: Message, now: datetime) -> list[Any] | None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -295,8 +351,11 @@ class ClickHouseSink:
         self.metrics.rebalances.labels("assign").inc()
         self.assigned |= {(p.topic, p.partition) for p in partitions}
         for topic in {p.topic for p in partitions}:
+            table, database = self._topics[topic], self._settings.clickhouse.database
             with self._lock:
-                stored = last_offsets(self._client, self._settings.clickhouse.database, self._topics[topic], topic)
+                stored = last_offsets(self._client, database, table, topic)
+                if (recent := self._recent.get(table)) is not None and recent.capacity > 0:
+                    recent.update(stored_ids(self._client, database, table, topic, recent.capacity))
             for p in partitions:
                 if p.topic == topic and p.partition in stored:
                     self._resume_after[(topic, p.partition)] = stored[p.partition]
@@ -315,13 +374,21 @@ class ClickHouseSink:
             self._batch = Batch()
         except Exception as error:
             log.warning("flush on revoke failed (%s); the next owner replays the revoked partitions", error)
-            self._batch = self._batch.without({(p.topic, p.partition) for p in partitions})
+            self._hand_back(partitions)
         self._forget(partitions)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.metrics.rebalances.labels("lost").inc()
-        self._batch = self._batch.without({(p.topic, p.partition) for p in partitions})
+        self._hand_back(partitions)
         self._forget(partitions)
+
+    def _hand_back(self, partitions: list[TopicPartition]) -> None:
+        """Drop these partitions' uninserted rows (their next owner replays them), and their ids with them."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        for (topic, partition), entry in self._batch.partitions.items():
+            if (topic, partition) in gone and (recent := self._recent.get(self._topics[topic])) is not None:
+                recent.discard(row[0] for row in entry.rows)
+        self._batch = self._batch.without(gone)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         gone = {(p.topic, p.partition) for p in partitions}

@@ -8,10 +8,13 @@ Topology (all topics created up front with the configured partition count, see :
 
 * ``route`` decodes each EmotionEvent and, for a whole-clip event, sends one observation per scope
   (source, channel, call) keyed by the scope, so every scope's state lives in one partition.
-* ``aggregate`` (:class:`ScopeAggregator`) keeps all state in one faust table: per partition its event-time
-  watermark, per scope and window a :class:`~emofleet.streams.windows.WindowAgg`, per call a
-  :class:`~emofleet.streams.windows.CallRun`, per counted event a "seen" marker. The math and the
-  decisions are in :mod:`emofleet.streams.windows`; this module orders the state writes and outputs.
+* ``aggregate`` (:class:`ScopeAggregator`) keeps all state in one faust table: per partition the lanes'
+  progress and the event-time watermark (:class:`~emofleet.streams.windows.Progress`), per scope one
+  :class:`~emofleet.streams.windows.ScopeState` (its open windows and, for calls, the angry-streak state),
+  per counted (scope, event_id) a "seen" marker. The math and the decisions are in
+  :mod:`emofleet.streams.windows`; this module orders the state writes and the outputs.
+* The router also sends *heartbeats*: how far each of its lanes is and whether it is idle (read to its
+  end), to every aggregator partition, when that changes and when it is assigned lanes (then: busy).
 
 Exactness under at-least-once (kill -9 anywhere, restart, replay of the uncommitted tail):
 
@@ -19,20 +22,24 @@ Exactness under at-least-once (kill -9 anywhere, restart, replay of the uncommit
    one producer, in order (aiokafka keeps one batch in flight per partition), so the state restored after
    a crash is the state after some *prefix* of the writes. Faust commits an input offset only after
    flushing the producer, so everything an offset caused is durable before the offset is committed.
-2. For one observation the writes are, in this order: each window aggregate (with ``last_event`` = this
-   event), the call's streak state, the watermark, alert flags, and last the ``seen`` marker of
-   (scope, event_id). On replay: ``seen`` present -> duplicate, skipped (this also catches the same
-   event_id published twice upstream or routed twice after a crash of ``route``); otherwise every window
-   whose ``last_event`` is this event already has it (a prefix of the writes reached it) and is skipped,
-   the others count it. So each event is counted exactly once per window.
+   (Faust stops recovery at the end offset the broker reports; Tansu reports the start of the last batch,
+   so recovery is made to read to the true end, see :func:`_recover_to_the_log_end`.)
+2. For one observation the writes are, in this order: the scope's state (all its windows at once, with
+   ``last_event`` = this event), the ``seen`` marker of (scope, event_id), the lanes' progress. On replay:
+   ``seen`` present -> duplicate, skipped (this also catches the same event_id published twice upstream,
+   or routed twice after a crash of ``route``); otherwise a scope state whose ``last_event`` is this event
+   already counted it (the crash came between the two writes) and is not counted again. The progress is
+   re-applied for every message, duplicates included, so replaying reproduces the original watermarks
+   and with them the same late and close decisions.
 3. A window closes when the watermark passes ``end + grace``; it is emitted (key = deterministic
-   ``aggregate_id``), the producer is flushed, and only then is the window deleted from the table. A crash
+   ``aggregate_id``), the producer is flushed, and only then is it removed from the scope's state. A crash
    in between replays the input and emits the very same record again (same key, same content):
-   downstream keeps one per ``aggregate_id``. Alerts likewise: sent and flushed before their flag is
-   written, deterministic ``alert_id``.
+   downstream keeps one per ``aggregate_id``. Alerts likewise: sent and flushed before the state that
+   records them, deterministic ``alert_id``.
 4. ``seen`` markers are dropped once an event is more than grace + the longest window behind the
    watermark; a duplicate arriving after that is late, and late events are never counted.
 
+``tests/test_aggregator_state.py`` checks 1-4 by crashing after every single state write and replaying.
 Due work (closing windows, finalising streaks, dropping old markers) is found through an in-memory heap
 per partition, rebuilt from the table after every rebalance, so the table itself is the only state.
 """
@@ -42,6 +49,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,12 +58,11 @@ from emofleet.streams.config import Settings
 from emofleet.streams.topics import TopicSpec
 from emofleet.streams.windows import (
     AggregateConfig,
-    CallRun,
     Observation,
     Progress,
+    ScopeState,
     Streak,
     WindowAgg,
-    closes_at,
     is_late,
     observations,
 )
@@ -90,20 +97,15 @@ def aggregator_topics(settings: Settings) -> list[TopicSpec]:
 # ------------------------------------------------------------------------------------ state keys
 
 # Table keys start with the input partition, so the state of one partition can be found after a restart.
-_META, _WINDOW, _RUN, _SEEN = "m", "w", "r", "s"
+_META, _SCOPE, _SEEN = "m", "c", "s"
 
 
 def _meta_key(partition: int) -> str:
     return f"{partition}:{_META}"
 
 
-def _window_key(partition: int, obs: Observation, spec_list: list[Any], start: int) -> str:
-    return f"{partition}:{_WINDOW}:" + json.dumps([obs.scope.key, spec_list, start], separators=(",", ":"),
-                                                 ensure_ascii=False)
-
-
-def _run_key(partition: int, obs: Observation) -> str:
-    return f"{partition}:{_RUN}:{obs.scope.key}"
+def _scope_key(partition: int, obs: Observation) -> str:
+    return f"{partition}:{_SCOPE}:{obs.scope.key}"
 
 
 def _seen_key(partition: int, obs: Observation) -> str:
@@ -125,9 +127,13 @@ class AggregatorStats:
     late: int = 0
     windows_emitted: int = 0
     alerts_sent: int = 0
+    flushes: int = 0  # producer flushes the aggregate step waited for (before deleting emitted windows etc.)
+    flush_seconds: float = 0.0
 
     def line(self) -> str:
-        return " ".join(f"{name}={value}" for name, value in vars(self).items())
+        return " ".join(f"{name}={value:.1f}" if isinstance(value, float) else f"{name}={value}"
+                        for name, value in vars(self).items())
+
 
 
 @dataclass
@@ -166,8 +172,8 @@ class Outputs:
 class ScopeAggregator:
     """The aggregate step over a mutable mapping (a faust table in production, a dict in unit tests).
 
-    Call :meth:`handle` for each observation of input partition ``partition``, in partition order, and
-    :meth:`forget` after a rebalance. See the module docstring for the order of writes.
+    Call :meth:`handle` / :meth:`heartbeat` for each message of input partition ``partition``, in partition
+    order, and :meth:`forget` after a rebalance. See the module docstring for the order of writes.
     """
 
     def __init__(self, store: MutableMapping[str, Any], config: AggregateConfig, outputs: Outputs) -> None:
@@ -200,21 +206,33 @@ class ScopeAggregator:
         seen_key = _seen_key(partition, obs)
         if seen_key in store:
             self.stats.duplicates += 1
-            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
         elif is_late(obs.t, watermark, config.grace_ms):
             self.stats.late += 1
             (log.info if self.stats.late <= _LOUD_LATE_EVENTS else log.debug)(
                 "late event %s of %s at %d dropped (watermark %d, grace %d ms)", obs.event_id, obs.scope.key,
                 obs.t, watermark, config.grace_ms)
-            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
         else:
-            breaches = self._count(partition, obs, due)
-            progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
+            key = _scope_key(partition, obs)
+            current = store.get(key)
+            state = ScopeState.from_dict(current) if current is not None else ScopeState(obs.scope)
+            if state.last_event != obs.event_id:  # else: counted before a crash, the seen marker was not
+                state = state.add(obs, config.specs)
+            breaches = [w for w in state.windows if config.negativity.breached(w)]
             if breaches:
-                await self._negativity_alerts(breaches)
-            store[seen_key] = {"t": obs.t}  # last: its presence means every write above is durable
+                for window in breaches:
+                    alert = config.negativity.alert(window)
+                    await self.outputs.send_alert(alert["alert_id"], alert)
+                    log.info("alert %s: %s", alert["alert_id"], alert["message"])
+                await self.outputs.flush()  # the alerts are durable before the flags saying they were sent
+                state = state.with_alerted(breaches)
+                self.stats.alerts_sent += len(breaches)
+            if current is None or state.to_dict() != current:
+                store[key] = state.to_dict()
+            self._schedule(due, key, state)
+            store[seen_key] = {"t": obs.t}  # after the scope's write: its presence means that one is durable
             due.schedule(seen_key, obs.t + config.grace_ms + config.retention_ms)
             self.stats.counted += 1
+        progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
         if progress.watermark is not None:
             await self._run_due(partition, progress.watermark, due)
 
@@ -231,92 +249,57 @@ class ScopeAggregator:
             self.store[_meta_key(partition)] = new.to_dict()
         return new
 
-    def _count(self, partition: int, obs: Observation, due: _Due) -> list[tuple[str, WindowAgg]]:
-        """Add the observation to its windows and its call's streak state; return rule (a) breaches."""
-        store, config = self.store, self.config
-        breaches: list[tuple[str, WindowAgg]] = []
-        for spec in config.specs:
-            spec_list = spec.to_list()
-            for start, end in spec.windows(obs.t):
-                key = _window_key(partition, obs, spec_list, start)
-                current = store.get(key)
-                agg = WindowAgg.from_dict(current) if current is not None else WindowAgg(obs.scope, spec, start, end)
-                if agg.last_event != obs.event_id:  # else: counted before a crash, the seen marker was not
-                    agg = agg.add(obs)
-                    store[key] = agg.to_dict()
-                    due.schedule(key, closes_at(end, config.grace_ms))
-                if config.negativity.breached(agg):
-                    breaches.append((key, agg))
-        if obs.scope.kind == "call":
-            key = _run_key(partition, obs)
-            current = store.get(key)
-            run = CallRun.from_dict(current) if current is not None else CallRun(obs.scope)
-            if run.last_event != obs.event_id:
-                run = run.add(obs)
-                store[key] = run.to_dict()
-                due.schedule(key, run.due(config.grace_ms, config.retention_ms))
-        return breaches
-
-    async def _negativity_alerts(self, breaches: list[tuple[str, WindowAgg]]) -> None:
-        for _, agg in breaches:
-            alert = self.config.negativity.alert(agg)
-            await self.outputs.send_alert(alert["alert_id"], alert)
-            log.info("alert %s: %s", alert["alert_id"], alert["message"])
-        await self.outputs.flush()  # the alert is durable before its flag is
-        for key, agg in breaches:
-            self.store[key] = replace(agg, alerted=True).to_dict()
-        self.stats.alerts_sent += len(breaches)
+    def _schedule(self, due: _Due, key: str, state: ScopeState) -> None:
+        at = state.due(self.config.grace_ms, self.config.retention_ms)
+        if at is not None:
+            due.schedule(key, at)
 
     async def _run_due(self, partition: int, watermark: int, due: _Due) -> None:
+        """Close windows, finalise streaks and drop old markers that the watermark has made due."""
         store, config = self.store, self.config
-        closing: list[tuple[str, WindowAgg]] = []
+        closing: list[WindowAgg] = []
         streaks: list[Streak] = []
-        finalized: list[tuple[str, CallRun]] = []
+        updates: list[tuple[str, ScopeState]] = []
         for key in due.pop_due(watermark):
             value = store.get(key)
             if value is None:
                 continue
-            kind = _kind_of(key)
-            if kind == _WINDOW:
-                agg = WindowAgg.from_dict(value)
-                if watermark >= closes_at(agg.end, config.grace_ms):
-                    closing.append((key, agg))
-                else:
-                    due.schedule(key, closes_at(agg.end, config.grace_ms))
-            elif kind == _SEEN:
+            if _kind_of(key) == _SEEN:
                 if watermark >= value["t"] + config.grace_ms + config.retention_ms:
                     del store[key]
                 else:
                     due.schedule(key, value["t"] + config.grace_ms + config.retention_ms)
-            elif kind == _RUN:
-                run, found = CallRun.from_dict(value).finalize(watermark, config.grace_ms, config.angry_streak)
-                if found:
-                    streaks.extend(found)
-                    finalized.append((key, run))  # written after the alerts are durable
-                elif run.expired(watermark, config.grace_ms, config.retention_ms):
-                    del store[key]
-                else:
-                    if run != CallRun.from_dict(value):
-                        store[key] = run.to_dict()
-                    due.schedule(key, run.due(config.grace_ms, config.retention_ms))
-        if not closing and not streaks:
-            return
-        for _, agg in closing:
-            await self.outputs.send_aggregate(agg.aggregate_id, agg.record())
-        for streak in streaks:
-            alert = streak.alert(config.angry_streak)
-            await self.outputs.send_alert(alert["alert_id"], alert)
-            log.info("alert %s: %s", alert["alert_id"], alert["message"])
-        await self.outputs.flush()  # outputs durable before the state that says they were sent
-        for key, _ in closing:
-            del store[key]
-        for key, run in finalized:
-            store[key] = run.to_dict()
-            due.schedule(key, run.due(config.grace_ms, config.retention_ms))
-        self.stats.windows_emitted += len(closing)
-        self.stats.alerts_sent += len(streaks)
-        log.debug("partition %d at watermark %d: emitted %d windows, %d streak alerts", partition, watermark,
-                  len(closing), len(streaks))
+                continue
+            state = ScopeState.from_dict(value)
+            closed = state.closed(watermark, config.grace_ms)
+            run = state.run
+            if run is not None:
+                run, found = run.finalize(watermark, config.grace_ms, config.angry_streak)
+                streaks.extend(found)
+                if run.expired(watermark, config.grace_ms, config.retention_ms):
+                    run = None
+            new = replace(state.without(closed), run=run)
+            closing.extend(closed)
+            if new != state:
+                updates.append((key, new))
+            else:
+                self._schedule(due, key, state)
+        if closing or streaks:
+            for window in closing:
+                await self.outputs.send_aggregate(window.aggregate_id, window.record())
+            for streak in streaks:
+                alert = streak.alert(config.angry_streak)
+                await self.outputs.send_alert(alert["alert_id"], alert)
+                log.info("alert %s: %s", alert["alert_id"], alert["message"])
+            await self.outputs.flush()  # outputs durable before the state that says they were sent
+            self.stats.windows_emitted += len(closing)
+            self.stats.alerts_sent += len(streaks)
+        for key, new in updates:
+            if new.due(config.grace_ms, config.retention_ms) is None:
+                del store[key]
+            else:
+                store[key] = new.to_dict()
+                self._schedule(due, key, new)
 
     def _index(self, partition: int) -> _Due:
         """The partition's due heap, rebuilt from the table on first use after a start or rebalance."""
@@ -332,12 +315,10 @@ class ScopeAggregator:
             if value is None:
                 continue
             kind = _kind_of(key)
-            if kind == _WINDOW:
-                due.schedule(key, closes_at(int(value["end"]), config.grace_ms))
+            if kind == _SCOPE:
+                self._schedule(due, key, ScopeState.from_dict(value))
             elif kind == _SEEN:
                 due.schedule(key, int(value["t"]) + config.grace_ms + config.retention_ms)
-            elif kind == _RUN:
-                due.schedule(key, CallRun.from_dict(value).due(config.grace_ms, config.retention_ms))
             entries += 1
         if entries:
             log.info("partition %d: %d state entries restored, watermark %s", partition, entries,
@@ -368,6 +349,11 @@ class LaneTracker:
         if self.reported.get(lane) == state:
             return None
         self.reported[lane] = state
+        return state
+
+    def busy(self, lane: int) -> tuple[int | None, bool]:
+        """Report ``lane`` as busy now (newly assigned: not read to its end yet)."""
+        state = self.reported[lane] = (self.max_t.get(lane), False)
         return state
 
     def forget_reports(self) -> None:
@@ -405,7 +391,6 @@ def log_end_offsets(client_config: dict[str, Any], hints: dict[tuple[str, int], 
     broker) answer with the start of the last batch + 1 rather than the log end; reading starts one before
     the hint. A partition that does not answer in time keeps its hint.
     """
-    import time
 
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -454,14 +439,18 @@ def _recover_to_the_log_end(app: Any, client_config: dict[str, Any]) -> None:
     recovery._build_highwaters = _build_highwaters
 
 
-def build_app(settings: Settings, lanes: int | None = None) -> Any:
+def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None) -> Any:
     """The faust app for these settings (nothing global): topics, the state table, both agents.
 
-    ``lanes`` is the partition count of the results topic (default ``settings.kafka.partitions``).
+    ``lanes`` is the partition count of the results topic (default ``settings.kafka.partitions``);
+    ``metrics`` a :class:`emofleet.streams.metrics.Metrics` to report into (default: a new one).
     """
     import faust
 
     from emofleet.schemas.codec import SchemaError, make_codec
+    from emofleet.streams.metrics import Metrics
+
+    metrics = metrics or Metrics("aggregator")
 
     kafka, agg = settings.kafka, settings.aggregate
     config = AggregateConfig.from_settings(agg, lanes or kafka.partitions)
@@ -499,15 +488,22 @@ def build_app(settings: Settings, lanes: int | None = None) -> Any:
     async def send_aggregate(key: str, record: dict[str, Any]) -> None:
         value = codec.encode("emotion_aggregate", record, topic=kafka.aggregates_topic)
         await aggregates.send(key=key.encode(), value=value)
+        metrics.messages_out.labels(kafka.aggregates_topic).inc()
 
     async def send_alert(key: str, record: dict[str, Any]) -> None:
         value = codec.encode("emotion_alert", record, topic=kafka.alerts_topic)
         await alerts.send(key=key.encode(), value=value)
+        metrics.messages_out.labels(kafka.alerts_topic).inc()
+
+    async def flush() -> None:
+        started = time.perf_counter()
+        await app.producer.flush()
+        stats.flushes += 1
+        stats.flush_seconds += time.perf_counter() - started
 
     _recover_to_the_log_end(app, kafka.client_config())
-    aggregator = ScopeAggregator(table, config, Outputs(send_aggregate, send_alert, app.producer.flush))
+    aggregator = ScopeAggregator(table, config, Outputs(send_aggregate, send_alert, flush))
     stats = aggregator.stats
-    app.aggregator = aggregator  # for tests and introspection
 
     tracker = LaneTracker()
 
@@ -515,6 +511,7 @@ def build_app(settings: Settings, lanes: int | None = None) -> Any:
     async def route(stream: Any) -> None:
         async for event in stream.events():
             message = event.message
+            metrics.messages_in.labels(message.topic).inc()
             try:
                 record = codec.decode("emotion_event", event.value, topic=kafka.results_topic)
             except SchemaError as error:
@@ -552,6 +549,7 @@ def build_app(settings: Settings, lanes: int | None = None) -> Any:
     @app.agent(scopes, name="aggregate")
     async def aggregate(stream: Any) -> None:
         async for event in stream.events():
+            metrics.messages_in.labels(event.message.topic).inc()
             value = event.value
             if "heartbeat" in value:
                 beat = value["heartbeat"]
@@ -565,9 +563,29 @@ def build_app(settings: Settings, lanes: int | None = None) -> Any:
         tracker.forget_reports()
 
     @app.on_partitions_assigned.connect
-    async def on_assigned(*_args: Any, **_kwargs: Any) -> None:
+    async def on_assigned(_sender: Any, assigned: Any = (), **_kwargs: Any) -> None:
         aggregator.forget()
         tracker.forget_reports()
+        # Our lanes are busy until we have read them to their end. Said before we route anything, so an
+        # aggregator partition cannot take an idle flag from before a restart or rebalance for granted
+        # while this lane's backlog is still on its way (the watermark would run ahead of it).
+        lanes = sorted(tp for tp in assigned if tp.topic == kafka.results_topic)
+        if lanes:
+            log.info("routing lanes %s (busy until read to their end)", [tp.partition for tp in lanes])
+        for tp in lanes:
+            state = tracker.busy(tp.partition)
+            value = {"heartbeat": {"lane": tp.partition, "t": state[0], "idle": False}}
+            for partition in range(kafka.partitions):
+                await scopes.send(key=None, value=value, partition=partition)
+
+    @app.timer(interval=1.0)
+    async def observe() -> None:
+        """Liveness and assigned partitions for /healthz, /readyz and /metrics (from faust's event loop)."""
+        metrics.heartbeat()
+        try:
+            metrics.set_assigned(len(app.consumer.assignment()))
+        except Exception:  # noqa: BLE001 - consumer not started yet
+            pass
 
     @app.timer(interval=10.0)
     async def report() -> None:
@@ -599,7 +617,12 @@ def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
     if topics[scope_topic(settings)] != topics[changelog_topic(settings)]:
         raise RuntimeError(f"{scope_topic(settings)} and {changelog_topic(settings)} must have the same partition "
                            f"count (they have {topics[scope_topic(settings)]} and {topics[changelog_topic(settings)]})")
-    app = build_app(settings, lanes=topics[settings.kafka.results_topic])
+    from emofleet.streams.metrics import Metrics, aggregator_health, serve
+
+    metrics = Metrics("aggregator")
+    server = serve(settings.observability, metrics,  # None when metrics_port is 0
+                   aggregator_health(metrics, settings.kafka.client_config(), settings.observability))
+    app = build_app(settings, lanes=topics[settings.kafka.results_topic], metrics=metrics)
     log.info("aggregate: %s -> %s + %s (app %s)", settings.kafka.results_topic, settings.kafka.aggregates_topic,
              settings.kafka.alerts_topic, settings.aggregate.app_id)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
@@ -607,4 +630,7 @@ def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
         worker.execute_from_commandline()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    finally:
+        if server:
+            server.stop()
     return 0

@@ -222,8 +222,7 @@ def observations(event: Mapping[str, Any], lane: int = 0) -> list[Observation]:
 
 @dataclass(frozen=True)
 class WindowAgg:
-    """Running aggregate of one scope in one window. ``last_event`` is the event_id applied last: the
-    aggregator uses it to tell a half-applied event (crash between two state writes) from a new one."""
+    """Running aggregate of one scope in one window; ``alerted``: rule (a) already fired for it."""
 
     scope: Scope
     spec: WindowSpec
@@ -234,7 +233,6 @@ class WindowAgg:
     confidence_units: int = 0
     first_event_at: int = 0
     last_event_at: int = 0
-    last_event: str = ""
     alerted: bool = False
 
     def add(self, obs: Observation) -> WindowAgg:
@@ -245,8 +243,7 @@ class WindowAgg:
         first = obs.t if self.clips == 0 else min(self.first_event_at, obs.t)
         return replace(self, counts=tuple(counts), clips=self.clips + 1,
                        confidence_units=self.confidence_units + round(obs.confidence * CONFIDENCE_UNITS),
-                       first_event_at=first, last_event_at=max(self.last_event_at, obs.t) if self.clips else obs.t,
-                       last_event=obs.event_id)
+                       first_event_at=first, last_event_at=max(self.last_event_at, obs.t) if self.clips else obs.t)
 
     @property
     def negative_clips(self) -> int:
@@ -279,15 +276,13 @@ class WindowAgg:
     def to_dict(self) -> dict[str, Any]:
         return {"scope": self.scope.key, "spec": self.spec.to_list(), "start": self.start, "end": self.end,
                 "counts": list(self.counts), "clips": self.clips, "confidence_units": self.confidence_units,
-                "first": self.first_event_at, "last": self.last_event_at, "last_event": self.last_event,
-                "alerted": self.alerted}
+                "first": self.first_event_at, "last": self.last_event_at, "alerted": self.alerted}
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any]) -> WindowAgg:
         return cls(Scope.from_key(value["scope"]), WindowSpec.from_list(value["spec"]), int(value["start"]),
                    int(value["end"]), tuple(int(c) for c in value["counts"]), int(value["clips"]),
-                   int(value["confidence_units"]), int(value["first"]), int(value["last"]), value["last_event"],
-                   bool(value["alerted"]))
+                   int(value["confidence_units"]), int(value["first"]), int(value["last"]), bool(value["alerted"]))
 
 
 def aggregate_id(scope: Scope, spec: WindowSpec, start: int) -> str:
@@ -409,6 +404,70 @@ class CallRun:
                    tuple((int(t), str(e), bool(a)) for t, e, a in value["pending"]),
                    tuple((int(t), str(e)) for t, e in value["run"]), int(value["run_length"]), bool(value["fired"]),
                    None if value["last_final_t"] is None else int(value["last_final_t"]), value["last_event"])
+
+
+# ------------------------------------------------------------------------------------ state of one scope
+
+
+@dataclass(frozen=True)
+class ScopeState:
+    """Everything the aggregator keeps for one scope, stored as one value (so updated atomically): its open
+    windows, its streak state (calls only), and the event applied last (tells a replayed event that already
+    counted from a new one when the crash came between this write and the event's "seen" marker)."""
+
+    scope: Scope
+    windows: tuple[WindowAgg, ...] = ()
+    run: CallRun | None = None
+    last_event: str = ""
+
+    def add(self, obs: Observation, specs: Iterable[WindowSpec]) -> ScopeState:
+        """Count ``obs`` in each of its windows (created as needed) and in the streak state."""
+        by_key = {(w.spec, w.start): w for w in self.windows}
+        for spec in specs:
+            for start, end in spec.windows(obs.t):
+                window = by_key.get((spec, start)) or WindowAgg(self.scope, spec, start, end)
+                by_key[(spec, start)] = window.add(obs)
+        run = self.run
+        if self.scope.kind == "call":
+            run = (run or CallRun(self.scope)).add(obs)
+        windows = tuple(sorted(by_key.values(), key=lambda w: (w.spec.kind, w.start)))
+        return ScopeState(self.scope, windows, run, obs.event_id)
+
+    def closed(self, watermark: int, grace_ms: int) -> list[WindowAgg]:
+        return [w for w in self.windows if watermark >= closes_at(w.end, grace_ms)]
+
+    def without(self, windows: Iterable[WindowAgg]) -> ScopeState:
+        gone = {(w.spec, w.start) for w in windows}
+        return replace(self, windows=tuple(w for w in self.windows if (w.spec, w.start) not in gone))
+
+    def with_alerted(self, windows: Iterable[WindowAgg]) -> ScopeState:
+        flagged = {(w.spec, w.start) for w in windows}
+        return replace(self, windows=tuple(replace(w, alerted=True) if (w.spec, w.start) in flagged else w
+                                           for w in self.windows))
+
+    def due(self, grace_ms: int, idle_ms: int) -> int | None:
+        """The watermark at which this scope needs attention (a window closes, a clip becomes final, an idle
+        call's streak state can go), or None when nothing is left (the state can be deleted)."""
+        times = [closes_at(w.end, grace_ms) for w in self.windows]
+        if self.run is not None:
+            times.append(self.run.due(grace_ms, idle_ms))
+        return min(times, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scope": self.scope.key, "last_event": self.last_event,
+                "windows": [[w.spec.kind, w.spec.size_ms, w.spec.hop_ms, w.start, w.end, list(w.counts), w.clips,
+                             w.confidence_units, w.first_event_at, w.last_event_at, w.alerted] for w in self.windows],
+                "run": None if self.run is None else self.run.to_dict()}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> ScopeState:
+        scope = Scope.from_key(value["scope"])
+        windows = tuple(
+            WindowAgg(scope, WindowSpec(kind, int(size), int(hop)), int(start), int(end), tuple(counts), int(clips),
+                      int(units), int(first), int(last), bool(alerted))
+            for kind, size, hop, start, end, counts, clips, units, first, last, alerted in value["windows"])
+        run = None if value["run"] is None else CallRun.from_dict(value["run"])
+        return cls(scope, windows, run, value["last_event"])
 
 
 # ------------------------------------------------------------------------------------ configuration

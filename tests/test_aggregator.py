@@ -236,7 +236,11 @@ def scenario() -> tuple[list[dict], list[dict], dict]:
 
 def test_windows_are_exact_with_out_of_order_and_late_events_and_alerts_fire_once(
         settings: Settings, tmp_path: Path) -> None:
+    from emofleet.infra.local_stack import free_port
+
     settings = aggregator_settings(settings, results_partitions=1)
+    settings = replace(settings, observability=replace(settings.observability, metrics_port=free_port(),
+                                                       metrics_host="127.0.0.1"))
     order, counted, facts = scenario()
     publish(settings, order)
     expected = expected_windows(counted)
@@ -251,6 +255,13 @@ def test_windows_are_exact_with_out_of_order_and_late_events_and_alerts_fire_onc
             pass
         late_id = facts["late"]["event_id"]
         assert f"late event {late_id}" in worker.text(), "the late event is logged (and counted) as late"
+        import httpx
+
+        base = f"http://127.0.0.1:{settings.observability.metrics_port}"
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        exposition = httpx.get(f"{base}/metrics", timeout=5).text
+        assert f'emofleet_messages_out_total{{topic="{settings.kafka.aggregates_topic}"}} ' \
+               f"{float(len(expected))}" in exposition, exposition[-1500:]
     finally:
         worker.stop()
         outputs.close()
@@ -359,8 +370,9 @@ def test_kill_9_and_restart_restores_state_from_the_changelog_and_counts_nothing
         second.stop()
         outputs.close()
     assert second.process.returncode == 0, second.text()[-2000:]
-    print("after restart:", [line.split("aggregate stats: ")[1] for line in second.text().splitlines()
-                             if "aggregate stats: " in line][-1])
+    stats = [line.split("aggregate stats: ")[1] for line in second.text().splitlines() if "aggregate stats: " in line]
+    print("after restart:", stats[-1])
+    assert " late=0 " in stats[-1] + " ", "with a grace of an hour nothing is late, even while lanes catch up"
 
 
 # ------------------------------------------------------------------------------------ into ClickHouse

@@ -1,0 +1,608 @@
+"""Model inference throughput and accuracy per precision mode and batch size, against funasr per clip.
+
+    python bench/inference.py [--model large-shape|tiny] [--rounds R] [--clips N]
+                              [--min-seconds S] [--max-seconds S] [--precisions fp32,bf16,int8]
+                              [--batch-sizes 1,4,8] [--max-padding F] [--what-if-padding F ...]
+                              [--max-attention-s2 S2] [--threads T] [--no-attention-probe] [--no-gpu]
+
+One process, one fixed set of mixed-length synthetic clips (log-uniform lengths, ``emofleet.samples``),
+the models loaded through ``load_model`` exactly as the processor loads them (``large-shape`` is the
+emotion2vec_plus_large architecture with random weights, built once into ``~/.cache/emofleet/bench``).
+
+Rows (CPU):
+
+* ``funasr generate per clip (fp32)`` -- ``EmotionModel.predict_reference``: funasr ``AutoModel.generate``
+  one clip at a time. The baseline for speed AND the reference for accuracy.
+* ``<precision>, batch 1`` -- ``EmotionModel.predict([clip])`` per clip (the exact batched forward, B=1).
+* ``<precision>, planner <= B clips`` -- ``plan_batches`` over the clip set (length buckets, padding
+  waste <= ``--max-padding``, the processor's default 0.15), one ``predict`` per planned batch. Plans that
+  come out identical for two B are run once.
+* ``what-if`` rows: fp32 with a looser padding cap (``--what-if-padding``).
+
+Precisions: fp32; bf16 = ``torch.autocast`` bf16 on CPU; int8 = dynamic quantization of every Linear
+(CPU). Each is a separate ``load_model(precision=...)``.
+
+Columns: audio-seconds per second; speed-up over the per-clip baseline (ratio of medians); accuracy
+against the fp32 per-clip reference (max |score difference| over all clips and classes, top-1
+agreement); peak memory = peak RSS during the row minus RSS before it (``/proc/self/status`` VmHWM,
+reset through ``/proc/self/clear_refs``; glibc's heap is trimmed first and large blocks forced to mmap,
+so the figure is the row's activations and workspace, not the weights). Compute floor: model FLOPs
+of the clip set (counted analytically from the module's shapes -- conv feature extractor, positional
+convs, Linear layers per frame, attention 4 x N^2 x D per block -- and cross-checked with
+``torch.utils.flop_counter.FlopCounterMode`` on one clip) over this machine's matmul throughput,
+measured in every round (fp32 and bf16 ``torch.matmul``; int8 = a dynamically quantized Linear). The
+int8 floor counts the Linear FLOPs at the int8 rate and the rest (convs, attention) at fp32.
+"floor %" = floor time / measured time: how close a row runs to the machine's GEMM speed.
+
+Rounds interleave the rows, the order rotating each round; tables show medians and per-round values.
+The machine is shared: compare ratios within one run only (the header prints the load average).
+
+Attention probe (large shape, fp32): a few single padded forwards of equal-length clips, measuring
+peak RSS: funasr's attention materialises B x heads x N x N fp32 scores (several live copies per
+block), so memory grows with count x longest^2 -- the quantity ``plan_batches(max_attention=...)`` caps.
+
+GPU section (only when ``torch.cuda.is_available()``): a larger clip set; fp32/bf16/fp16 at batch 1 and
+planner-bucketed batches, ``torch.cuda.max_memory_allocated``, and the funasr per-clip path on a subset.
+Targets on one H100-class GPU: >= 2,000 audio-s/s and >= 10x the per-clip path.
+
+Targets on the 2-core CPU, large shape: batched fp32 (planner, default padding cap) no slower than the
+funasr per-clip path; the best validated mode (top-1 agreement >= 95% and max |score diff| <= 0.05
+against the fp32 per-clip reference) >= 1.5x the per-clip path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emofleet.processors.batching import plan_batches
+from emofleet.samples import synth_clip
+from emofleet.streams.config import ModelSettings
+
+from harness import log, machine_line, markdown_table, median
+
+SAMPLE_RATE = 16_000
+FRAMES_PER_SECOND = 50
+CACHE_ROOT = Path.home() / ".cache" / "emofleet" / "bench"
+BASELINE = "funasr generate per clip (fp32)"
+
+CPU_TARGET_BATCHED_VS_PER_CLIP = 1.0
+CPU_TARGET_BEST_VS_PER_CLIP = 1.5
+GPU_TARGET_AUDIO_S_PER_S = 2_000.0
+GPU_TARGET_VS_PER_CLIP = 10.0
+ACCURACY_MIN_TOP1 = 0.95
+ACCURACY_MAX_ABS_DIFF = 0.05
+
+MODEL_DEFAULTS = {  # clips, min s, max s, rounds, max padded audio seconds per batch
+    "tiny": (40, 0.5, 12.0, 5, 240.0),
+    "large-shape": (10, 0.5, 12.0, 2, 240.0),
+}
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/status") else None
+_M_MMAP_THRESHOLD = -3
+
+
+def _force_large_blocks_to_mmap() -> None:
+    """glibc otherwise raises its mmap threshold after frees and keeps big tensors in the heap, so a
+    row's RSS would depend on what earlier rows left behind. Blocks >= 1 MiB go straight to mmap."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _proc_status_kb(*keys: str) -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"^{k}:\s+(\d+)", text, re.M).group(1)) for k in keys}  # type: ignore[union-attr]
+
+
+class PeakRss:
+    """Peak RSS during a block minus RSS at its start, in bytes (Linux /proc; 0 elsewhere)."""
+
+    def __init__(self) -> None:
+        self.delta = 0
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self._start = _proc_status_kb("VmRSS")["VmRSS"]
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._start is not None:
+            self.delta = max(0, _proc_status_kb("VmHWM")["VmHWM"] - self._start) * 1024
+
+
+def rss_bytes() -> int:
+    try:
+        return _proc_status_kb("VmRSS")["VmRSS"] * 1024
+    except OSError:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------ clips
+
+
+def make_clips(count: int, min_s: float, max_s: float, seed: int = 11) -> list[np.ndarray]:
+    """``count`` synthetic voiced clips, lengths log-uniform in [min_s, max_s] (many short, few long)."""
+    rng = np.random.default_rng(seed)
+    seconds = np.exp(rng.uniform(np.log(min_s), np.log(max_s), count))
+    seconds[0], seconds[-1] = min_s, max_s  # the extremes are always in the set
+    return [synth_clip(float(s), seed * 1_000 + i) for i, s in enumerate(seconds)]
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def model_directory(kind: str) -> Path:
+    from emofleet.processors.tiny_model import LARGE_CONFIG, TINY_CONFIG, build_random_model
+
+    if kind == "large-shape":
+        return build_random_model(CACHE_ROOT / "large-shape", LARGE_CONFIG, seed=0)
+    if kind == "tiny":
+        return build_random_model(CACHE_ROOT / "tiny-emotion2vec", TINY_CONFIG, seed=0)
+    raise SystemExit(f"unknown --model {kind!r}: use large-shape or tiny")
+
+
+def load(directory: Path, precision: str, device: str, threads: int) -> tuple[Any, float, int]:
+    """(EmotionModel, load seconds, RSS growth in bytes) through the production loader."""
+    from emofleet.processors.model import load_model
+
+    before, started = rss_bytes(), time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(ModelSettings(model=str(directory), device=device, threads=threads,
+                                         precision=precision))
+    return model, time.monotonic() - started, rss_bytes() - before
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def flops_per_clip(module: Any, num_samples: int) -> dict[str, float]:
+    """Forward FLOPs (2 x multiply-adds) of one clip, by component, from the funasr module's shapes."""
+    from emofleet.processors.batched import frame_count
+
+    encoder = module.modality_encoders["AUDIO"]
+    flops = {"conv": 0.0, "linear": 0.0, "attention": 0.0}
+    length, channels = num_samples, 1
+    for dim, kernel, stride in encoder.feature_enc_layers:  # conv feature extractor
+        length = (length - kernel) // stride + 1
+        flops["conv"] += 2.0 * length * channels * kernel * dim
+        channels = dim
+    frames = frame_count(num_samples, encoder.feature_enc_layers)
+    assert frames == length
+    for conv in (m for m in encoder.relative_positional_encoder.modules() if isinstance(m, torch.nn.Conv1d)):
+        flops["conv"] += 2.0 * frames * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.out_channels
+    for linear in (m for m in encoder.project_features.modules() if isinstance(m, torch.nn.Linear)):
+        flops["linear"] += 2.0 * frames * linear.in_features * linear.out_features
+    tokens = frames + (encoder.extra_tokens.size(1) if encoder.extra_tokens is not None else 0)
+    blocks = list(encoder.context_encoder.blocks) + list(module.blocks)
+    for block in blocks:
+        for linear in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
+            flops["linear"] += 2.0 * tokens * linear.in_features * linear.out_features
+        dim = block.attn.qkv.in_features
+        flops["attention"] += 4.0 * tokens * tokens * dim  # q k^T and attn v
+    flops["linear"] += 2.0 * module.proj.in_features * module.proj.out_features
+    return flops
+
+
+def measured_flops(model: Any, clip: np.ndarray) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model.predict([clip])
+    return float(counter.get_total_flops())
+
+
+def gemm_rates(device: str, seconds: float = 0.6) -> dict[str, float]:
+    """Matmul FLOP/s on ``device`` with the current thread count: fp32, bf16 (and fp16 / int8)."""
+    m, k, n = (1024, 1024, 4096) if device == "cpu" else (8192, 8192, 8192)
+    rates: dict[str, float] = {}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device != "cpu":
+        dtypes["fp16"] = torch.float16
+    for name, dtype in dtypes.items():
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        rates[name] = _best_rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, device, seconds)
+    if device == "cpu":
+        from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qlinear = QLinear(k, n, dtype=torch.qint8)
+        x = torch.randn(m, k)
+        rates["int8"] = _best_rate(lambda: qlinear(x), 2.0 * m * k * n, device, seconds)
+    return rates
+
+
+def _best_rate(fn: Callable[[], Any], flops: float, device: str, budget: float) -> float:
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    fn()
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < budget or best == float("inf"):
+        started = time.perf_counter()
+        fn()
+        sync()
+        elapsed = time.perf_counter() - started
+        best, spent = min(best, elapsed), spent + elapsed
+    return flops / best
+
+
+def floor_seconds(flops: dict[str, float], precision: str, rates: dict[str, float]) -> float:
+    """Time at GEMM speed: everything at the precision's rate (int8: Linear at int8, the rest fp32)."""
+    total = sum(flops.values())
+    if precision == "int8":
+        return flops["linear"] / rates["int8"] + (total - flops["linear"]) / rates["fp32"]
+    return total / rates[precision]
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+@dataclass(eq=False)
+class Row:
+    name: str
+    precision: str  # of the model: fp32 / bf16 / fp16 / int8
+    model: Any
+    plan: list[list[int]] | None  # None: funasr generate per clip
+    seconds: list[float] = field(default_factory=list)
+    memory: list[int] = field(default_factory=list)
+    scores: np.ndarray | None = None  # clips x classes, from the last round
+
+    @property
+    def batches(self) -> str:
+        if self.plan is None:
+            return "1 each"
+        sizes = sorted((len(b) for b in self.plan), reverse=True)
+        return f"{len(self.plan)} ({'/'.join(map(str, sizes))})" if len(sizes) <= 12 else f"{len(self.plan)}"
+
+
+def run_row(row: Row, clips: Sequence[np.ndarray], device: str) -> None:
+    scores = np.zeros((len(clips), 9), dtype=np.float32)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        if row.plan is None:
+            for i, clip in enumerate(clips):
+                scores[i] = row.model.predict_reference(clip).scores
+        else:
+            for batch in row.plan:
+                for i, prediction in zip(batch, row.model.predict([clips[i] for i in batch]), strict=True):
+                    scores[i] = prediction.scores
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    row.seconds.append(elapsed)
+    row.memory.append(torch.cuda.max_memory_allocated() - base if cuda else peak.delta)
+    row.scores = scores
+
+
+def run_rounds(rows: list[Row], clips: Sequence[np.ndarray], rounds: int, device: str,
+               rates_log: list[dict[str, float]] | None) -> None:
+    for r in range(rounds):
+        order = rows[r % len(rows):] + rows[: r % len(rows)]
+        if r % 2:
+            order = order[::-1]
+        for row in order:
+            run_row(row, clips, device)
+            log(f"round {r + 1}/{rounds} {row.name}: {row.seconds[-1]:.2f} s")
+        if rates_log is not None:
+            rates_log.append(gemm_rates(device))
+
+
+def accuracy(row: Row, reference: Row) -> tuple[float, float, int]:
+    assert row.scores is not None and reference.scores is not None
+    diff = float(np.abs(row.scores - reference.scores).max())
+    agree = int((row.scores.argmax(1) == reference.scores.argmax(1)).sum())
+    return diff, agree / len(row.scores), agree
+
+
+def result_table(rows: list[Row], baseline: Row, total_audio: float, flops: dict[str, float],
+                 rates: dict[str, float], gpu: bool) -> tuple[str, dict[str, dict[str, float]]]:
+    base_rate = total_audio / median(baseline.seconds)
+    headers = ["run", "batches", "audio-s/s", "vs per-clip", "max abs dp", "top-1 agree",
+               "peak mem MB" + (" (GPU)" if gpu else " (RSS delta)"), "floor %", "audio-s/s per round"]
+    table, stats = [], {}
+    for row in rows:
+        rate = total_audio / median(row.seconds)
+        diff, agree, n_agree = accuracy(row, baseline)
+        floor = floor_seconds(flops, row.precision, rates)
+        stats[row.name] = {"rate": rate, "ratio": rate / base_rate, "diff": diff, "agree": agree,
+                           "floor": floor / median(row.seconds)}
+        table.append([
+            row.name, row.batches, rate, f"{rate / base_rate:.2f}x",
+            "0 (reference)" if row is baseline else f"{diff:.2g}",
+            "-" if row is baseline else f"{n_agree}/{len(row.scores)}",  # type: ignore[arg-type]
+            median(row.memory) / 2**20, f"{100 * floor / median(row.seconds):.2g}%",
+            ", ".join(f"{total_audio / s:.3g}" for s in row.seconds),
+        ])
+    return markdown_table(headers, table), stats
+
+
+def validated(stat: dict[str, float]) -> bool:
+    return stat["agree"] >= ACCURACY_MIN_TOP1 and stat["diff"] <= ACCURACY_MAX_ABS_DIFF
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def build_rows(models: dict[str, Any], baseline_model: Any, lengths: list[int], batch_sizes: list[int],
+               max_padded: int, max_padding: float, what_if: list[float], max_attention: int | None,
+               ) -> list[Row]:
+    rows = [Row(BASELINE, "fp32", baseline_model, None)]
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    kwargs = {"max_attention": max_attention} if max_attention else {}
+    for precision, model in models.items():
+        seen: dict[str, Row] = {}
+        for size in batch_sizes:
+            if size == 1:
+                rows.append(Row(f"{precision}, batch 1", precision, model, [[i] for i in by_length]))
+                continue
+            plan = plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
+                                max_padding=max_padding, **kwargs)
+            key = repr(plan)
+            if key in seen:  # same plan as a smaller B: run once, say so
+                seen[key].name = re.sub(r"<= (\S+) clips", rf"<= \1/{size} clips", seen[key].name)
+                continue
+            row = Row(f"{precision}, planner <= {size} clips, pad {max_padding:.2f}", precision, model, plan)
+            seen[key] = row
+            rows.append(row)
+        if precision == "fp32":
+            size = max(batch_sizes)
+            for padding in what_if:
+                plan = plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
+                                    max_padding=padding, **kwargs)
+                rows.append(Row(f"what-if: fp32, planner <= {size} clips, pad {padding:.2f}", "fp32",
+                                model, plan))
+    return rows
+
+
+def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
+    clips_n, min_s, max_s, rounds, max_audio = MODEL_DEFAULTS[args.model]
+    clips_n, min_s, max_s = args.clips or clips_n, args.min_seconds or min_s, args.max_seconds or max_s
+    rounds = args.rounds or rounds
+    torch.set_num_threads(args.threads)
+    directory = model_directory(args.model)
+    clips = make_clips(clips_n, min_s, max_s)
+    lengths = [len(c) for c in clips]
+    total_audio = sum(lengths) / SAMPLE_RATE
+    log(f"{len(clips)} clips, {total_audio:.1f} s of audio: "
+        + ", ".join(f"{n / SAMPLE_RATE:.1f}" for n in sorted(lengths)))
+
+    models: dict[str, Any] = {}
+    load_lines = []
+    for precision in args.precisions:
+        model, seconds, grown = load(directory, precision, "cpu", args.threads)
+        models[precision] = model
+        load_lines.append(f"{precision} {seconds:.1f} s / +{grown / 2**20:,.0f} MB RSS")
+        log(f"loaded {precision} in {seconds:.1f} s")
+    baseline_model = models.get("fp32") or load(directory, "fp32", "cpu", args.threads)[0]
+    baseline_model.predict_reference(clips[0])  # funasr's first generate warms its own paths
+
+    module = baseline_model._module
+    per_clip = [flops_per_clip(module, n) for n in lengths]
+    flops = {k: sum(f[k] for f in per_clip) for k in per_clip[0]}
+    probe = make_clips(1, 2.0, 2.0, seed=5)[0]
+    counted = measured_flops(baseline_model, probe)
+    analytic = sum(flops_per_clip(module, len(probe)).values())
+
+    max_padded = int(max_audio * SAMPLE_RATE)
+    max_attention = int(args.max_attention_s2 * SAMPLE_RATE**2) if args.max_attention_s2 else None
+    rows = build_rows(models, baseline_model, lengths, args.batch_sizes, max_padded, args.max_padding,
+                      args.what_if_padding, max_attention)
+    rates_log: list[dict[str, float]] = []
+    started = time.monotonic()
+    run_rounds(rows, clips, rounds, "cpu", rates_log)
+    log(f"{rounds} rounds in {time.monotonic() - started:.0f} s")
+    rates = {k: median([r[k] for r in rates_log]) for k in rates_log[0]}
+
+    table, stats = result_table(rows, rows[0], total_audio, flops, rates, gpu=False)
+    total_flops = sum(flops.values())
+    print(f"\n### CPU, {args.model}, {args.threads} threads ({len(clips)} clips, {total_audio:.1f} s of "
+          f"audio, {min_s:g}-{max_s:g} s log-uniform, {rounds} rounds; {machine_line()})\n")
+    print(table)
+    print(f"\nLoad (time / RSS growth; weights are mmap'd and shared): {'; '.join(load_lines)}.")
+    print(f"Compute: {total_flops / total_audio / 1e9:.3g} GFLOP per audio second on this clip set "
+          f"(conv {flops['conv'] / total_flops:.0%}, Linear {flops['linear'] / total_flops:.0%}, "
+          f"attention {flops['attention'] / total_flops:.0%}); FlopCounterMode on a 2 s clip "
+          f"{counted / 1e9:.4g} GFLOP vs analytic {analytic / 1e9:.4g} GFLOP.")
+    print("Matmul throughput here (median over rounds, " + f"{args.threads} threads): "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items())
+          + ". Floor per mode (whole clip set): "
+          + ", ".join(f"{p} {floor_seconds(flops, p, rates):.2f} s" for p in models) + ".")
+    return {"stats": stats, "rows": rows, "model": args.model, "clips": clips, "models": models}
+
+
+def attention_probe(model: Any, seconds_list: Sequence[tuple[int, float]]) -> str:
+    """Single padded forwards of ``count`` equal clips of ``seconds``: peak RSS and time."""
+    encoder = model._module.modality_encoders["AUDIO"]
+    heads = model._module.blocks[0].attn.num_heads
+    extra = encoder.extra_tokens.size(1) if encoder.extra_tokens is not None else 0
+    rows = []
+    for count, seconds in seconds_list:
+        clips = [synth_clip(seconds, 900 + i) for i in range(count)]
+        with PeakRss() as peak:
+            started = time.perf_counter()
+            model.predict(clips)
+            elapsed = time.perf_counter() - started
+        tokens = model.frames(len(clips[0])) + extra
+        scores = count * heads * tokens * tokens * 4  # one fp32 B x H x N x N tensor
+        rows.append([f"{count} x {seconds:g} s", f"{count * seconds * seconds:,.0f}", peak.delta / 2**20,
+                     scores / 2**20, f"{peak.delta / scores:.1f}", elapsed])
+        log(f"attention probe {count} x {seconds} s: {peak.delta / 2**20:.0f} MB, {elapsed:.1f} s")
+    return markdown_table(["batch", "count x longest^2 (s^2)", "peak RSS delta MB",
+                           "one B x H x N x N fp32 tensor MB", "peak / that", "seconds"], rows)
+
+
+def gpu_section(args: argparse.Namespace, device: str) -> None:
+    """The same comparison on a GPU with a clip set large enough to fill batches."""
+    directory = model_directory(args.model)
+    clips = make_clips(args.gpu_clips, 0.5, 12.0, seed=12)
+    lengths = [len(c) for c in clips]
+    total_audio = sum(lengths) / SAMPLE_RATE
+    subset = clips[: args.gpu_per_clip]  # the per-clip rows run on these only (audio-s/s is comparable)
+    subset_audio = sum(len(c) for c in subset) / SAMPLE_RATE
+    precisions = [p for p in ("fp32", "bf16", "fp16") if p in args.gpu_precisions]
+    models = {p: load(directory, p, device, args.threads)[0] for p in precisions}
+    reference_model = models.get("fp32") or load(directory, "fp32", device, args.threads)[0]
+    reference_model.predict_reference(clips[0])
+
+    # Per-clip paths on the subset (slow, short): funasr generate and our predict at B=1.
+    per_clip = [Row(BASELINE, "fp32", reference_model, None)]
+    per_clip += [Row(f"{p}, batch 1", p, m, [[i] for i in range(len(subset))]) for p, m in models.items()]
+    run_rounds(per_clip, subset, args.gpu_rounds, device, None)
+    baseline = per_clip[0]
+    base_rate = subset_audio / median(baseline.seconds)
+
+    # Batched rows on the whole set; accuracy checked against funasr on the subset clips.
+    batched = []
+    max_padded = int(args.gpu_max_audio_seconds * SAMPLE_RATE)
+    kwargs = {"max_attention": int(args.max_attention_s2 * SAMPLE_RATE**2)} if args.max_attention_s2 else {}
+    for p, model in models.items():
+        for size in args.gpu_batch_sizes:
+            plan = plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
+                                max_padding=args.max_padding, **kwargs)
+            batched.append(Row(f"{p}, planner <= {size} clips, pad {args.max_padding:.2f}", p, model, plan))
+    for model in models.values():  # warm kernels/allocator for these shapes
+        model.predict(clips[:2])
+    run_rounds(batched, clips, args.gpu_rounds, device, None)
+
+    rates = gemm_rates(device)
+    per_clip_flops = [flops_per_clip(reference_model._module, n) for n in lengths]
+    flops = {k: sum(f[k] for f in per_clip_flops) for k in per_clip_flops[0]}
+    subset_flops_list = per_clip_flops[: len(subset)]
+    subset_flops = {k: sum(f[k] for f in subset_flops_list) for k in flops}
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{device} (dry run)"
+    headers = ["run", "clips", "batches", "audio-s/s", "vs per-clip", "max abs dp", "top-1 agree",
+               "peak GPU mem MB", "floor %", "audio-s/s per round"]
+    table, best = [], (0.0, "")
+    for row in per_clip + batched:
+        on_subset = any(row is r for r in per_clip)
+        audio = subset_audio if on_subset else total_audio
+        rate = audio / median(row.seconds)
+        scores = row.scores[: len(subset)]  # type: ignore[index]
+        diff = float(np.abs(scores - baseline.scores).max())  # type: ignore[operator]
+        agree = int((scores.argmax(1) == baseline.scores.argmax(1)).sum())  # type: ignore[union-attr]
+        floor = floor_seconds(subset_flops if on_subset else flops,
+                              row.precision if row.precision in rates else "fp32", rates)
+        ok = agree / len(subset) >= ACCURACY_MIN_TOP1 and diff <= ACCURACY_MAX_ABS_DIFF
+        if not on_subset and ok and rate > best[0]:
+            best = (rate, row.name)
+        table.append([row.name, len(subset) if on_subset else len(clips), row.batches if not on_subset
+                      or row.plan is None else f"{len(subset)} (1 each)", rate, f"{rate / base_rate:.2f}x",
+                      "0 (reference)" if row is baseline else f"{diff:.2g}",
+                      "-" if row is baseline else f"{agree}/{len(subset)}", median(row.memory) / 2**20,
+                      f"{100 * floor / median(row.seconds):.2g}%",
+                      ", ".join(f"{audio / s:.4g}" for s in row.seconds)])
+    print(f"\n### GPU, {name}, {args.model} ({len(clips)} clips, {total_audio:.0f} s of audio, 0.5-12 s; "
+          f"per-clip rows on the first {len(subset)} clips, {subset_audio:.0f} s; {args.gpu_rounds} rounds)\n")
+    print(markdown_table(headers, table))
+    print("\nMatmul throughput: " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in rates.items()))
+    rate, label = best
+    print(f"\nGPU target >= {GPU_TARGET_AUDIO_S_PER_S:,.0f} audio-s/s (best validated batched row, {label}): "
+          f"{rate:,.0f}: {verdict(rate >= GPU_TARGET_AUDIO_S_PER_S)}")
+    print(f"GPU target >= {GPU_TARGET_VS_PER_CLIP:.0f}x per-clip: {rate / base_rate:.1f}x: "
+          f"{verdict(rate / base_rate >= GPU_TARGET_VS_PER_CLIP)}")
+
+
+def cpu_targets(stats: dict[str, dict[str, float]]) -> None:
+    batched = {k: v for k, v in stats.items() if k.startswith("fp32, planner")}
+    if batched:
+        name, stat = max(batched.items(), key=lambda kv: kv[1]["ratio"])
+        print(f"\nCPU target: batched fp32 (default padding cap) >= {CPU_TARGET_BATCHED_VS_PER_CLIP:.1f}x "
+              f"per-clip: {stat['ratio']:.2f}x ({name}): {verdict(stat['ratio'] >= CPU_TARGET_BATCHED_VS_PER_CLIP)}")
+    candidates = {k: v for k, v in stats.items() if k != BASELINE and not k.startswith("what-if") and validated(v)}
+    rejected = [k for k, v in stats.items() if k != BASELINE and not validated(v)]
+    if candidates:
+        name, stat = max(candidates.items(), key=lambda kv: kv[1]["ratio"])
+        print(f"CPU target: best validated mode (top-1 >= {ACCURACY_MIN_TOP1:.0%}, max |dp| <= "
+              f"{ACCURACY_MAX_ABS_DIFF}) >= {CPU_TARGET_BEST_VS_PER_CLIP:.1f}x per-clip fp32: "
+              f"{stat['ratio']:.2f}x ({name}): {verdict(stat['ratio'] >= CPU_TARGET_BEST_VS_PER_CLIP)}")
+    if rejected:
+        print(f"Not validated (accuracy): {', '.join(rejected)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv_int = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    csv_str = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    parser.add_argument("--model", default="large-shape", choices=sorted(MODEL_DEFAULTS))
+    parser.add_argument("--clips", type=int, default=0)
+    parser.add_argument("--min-seconds", type=float, default=0.0)
+    parser.add_argument("--max-seconds", type=float, default=0.0)
+    parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", type=csv_str, default=["fp32", "bf16", "int8"])
+    parser.add_argument("--batch-sizes", type=csv_int, default=[1, 4, 8])
+    parser.add_argument("--max-padding", type=float, default=0.15, help="planner padding cap (processor default 0.15)")
+    parser.add_argument("--what-if-padding", type=float, nargs="*", default=[],
+                        help="extra fp32 rows with these padding caps")
+    parser.add_argument("--max-attention-s2", type=float, default=0.0,
+                        help="planner attention cap, count x longest^2 in seconds^2 (0: none)")
+    parser.add_argument("--no-attention-probe", action="store_true")
+    parser.add_argument("--attention-probe", type=str, default="1x6,4x6,1x12",
+                        help="COUNTxSECONDS,... single forwards for the attention memory table")
+    parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--gpu-clips", type=int, default=512)
+    parser.add_argument("--gpu-per-clip", type=int, default=48)
+    parser.add_argument("--gpu-rounds", type=int, default=3)
+    parser.add_argument("--gpu-batch-sizes", type=csv_int, default=[16, 64])
+    parser.add_argument("--gpu-max-audio-seconds", type=float, default=960.0)
+    parser.add_argument("--gpu-precisions", type=csv_str, default=["fp32", "bf16", "fp16"])
+    parser.add_argument("--gpu-device", default="cuda:0",
+                        help="device of the GPU section; 'cpu' runs it as a dry run (testing the script)")
+    args = parser.parse_args()
+    _force_large_blocks_to_mmap()
+
+    result = cpu_section(args)
+    cpu_targets(result["stats"])
+    if not args.no_attention_probe and "fp32" in result["models"]:
+        probes = [(int(c), float(s)) for c, s in (p.split("x") for p in args.attention_probe.split(","))]
+        print(f"\n#### Attention memory, {args.model}, fp32, one padded forward each\n")
+        print(attention_probe(result["models"]["fp32"], probes))
+    del result
+    gc.collect()
+
+    if args.no_gpu:
+        print("\nGPU section: skipped (--no-gpu).")
+    elif args.gpu_device == "cpu":
+        gpu_section(args, "cpu")
+    elif not torch.cuda.is_available():
+        print("\nGPU section: skipped (torch.cuda.is_available() is False on this machine).")
+    else:
+        gpu_section(args, args.gpu_device)
+
+
+if __name__ == "__main__":
+    main()
