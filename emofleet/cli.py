@@ -196,7 +196,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.start()
         stack.callback(supervisor.stop)
         started = time.monotonic()
-        report, failed = _produce(settings, list(references_from_paths(paths, defaults={"tenant": "demo", "source": "up"})))
+        references = references_from_paths(paths, defaults={"tenant": "demo", "source": "up"})
+        report, failed = _produce(settings, list(references))
         print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink "
               f"and the aggregator running, logs in {logs}")
         with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
