@@ -1,13 +1,16 @@
 """Model inference throughput and accuracy per precision mode and batch size, against funasr per clip.
 
-    python bench/inference.py [--model large-shape|tiny] [--rounds R] [--clips N]
+    python bench/inference.py [--model large-shape|tiny|DIR] [--rounds R] [--clips N] [--seed S]
                               [--min-seconds S] [--max-seconds S] [--precisions fp32,bf16,int8]
                               [--batch-sizes 1,4,8] [--max-padding F] [--what-if-padding F ...]
-                              [--max-attention-s2 S2] [--threads T] [--no-attention-probe] [--no-gpu]
+                              [--max-attention-s2 S2] [--accuracy-clips N] [--threads T]
+                              [--attention-probe 1x8,4x8,...] [--no-attention-probe] [--probe-only]
+                              [--no-gpu] [--gpu-clips N] [--gpu-batch-sizes 16,64] ...
 
-One process, one fixed set of mixed-length synthetic clips (log-uniform lengths, ``emofleet.samples``),
-the models loaded through ``load_model`` exactly as the processor loads them (``large-shape`` is the
-emotion2vec_plus_large architecture with random weights, built once into ``~/.cache/emofleet/bench``).
+One process, one fixed set of mixed-length synthetic clips (lengths log-uniform, ``emofleet.samples``
+signals), models loaded through ``load_model`` exactly as the processor loads them. ``large-shape`` is
+the emotion2vec_plus_large architecture with random weights (built once into ~/.cache/emofleet/bench);
+``--model DIR`` takes a real checkpoint directory, to validate precisions on real weights.
 
 Rows (CPU):
 
@@ -15,44 +18,54 @@ Rows (CPU):
   one clip at a time. The baseline for speed AND the reference for accuracy.
 * ``<precision>, batch 1`` -- ``EmotionModel.predict([clip])`` per clip (the exact batched forward, B=1).
 * ``<precision>, planner <= B clips`` -- ``plan_batches`` over the clip set (length buckets, padding
-  waste <= ``--max-padding``, the processor's default 0.15), one ``predict`` per planned batch. Plans that
-  come out identical for two B are run once.
-* ``what-if`` rows: fp32 with a looser padding cap (``--what-if-padding``).
+  waste <= ``--max-padding``, the processor's default 0.15), one ``predict`` per planned batch. Plans
+  that come out identical for two B are run once (the row is named ``<= 4/8 clips``).
+* ``what-if`` rows: fp32 with looser padding caps (``--what-if-padding``).
 
 Precisions: fp32; bf16 = ``torch.autocast`` bf16 on CPU; int8 = dynamic quantization of every Linear
-(CPU). Each is a separate ``load_model(precision=...)``.
+(CPU). Each is its own ``load_model(precision=...)``. ``bf16-precast`` (bench-only what-if): bf16 with the
+Linear/Conv weights cast to bf16 once at load -- autocast casts exactly those on every forward, so the
+results are identical and only the per-call cast of ~300M parameters is gone.
 
-Columns: audio-seconds per second; speed-up over the per-clip baseline (ratio of medians); accuracy
-against the fp32 per-clip reference (max |score difference| over all clips and classes, top-1
-agreement); peak memory = peak RSS during the row minus RSS before it (``/proc/self/status`` VmHWM,
-reset through ``/proc/self/clear_refs``; glibc's heap is trimmed first and large blocks forced to mmap,
-so the figure is the row's activations and workspace, not the weights). Compute floor: model FLOPs
-of the clip set (counted analytically from the module's shapes -- conv feature extractor, positional
-convs, Linear layers per frame, attention 4 x N^2 x D per block -- and cross-checked with
-``torch.utils.flop_counter.FlopCounterMode`` on one clip) over this machine's matmul throughput,
-measured in every round (fp32 and bf16 ``torch.matmul``; int8 = a dynamically quantized Linear). The
-int8 floor counts the Linear FLOPs at the int8 rate and the rest (convs, attention) at fp32.
-"floor %" = floor time / measured time: how close a row runs to the machine's GEMM speed.
+Timing: rounds interleave the rows forward by forward (all rows' forwards sorted by the longest clip
+they hold, rows taking turns, the first rotating each round, odd rounds long to short), so every row
+meets each clip length within seconds of the others. A row's time = the sum over its forwards of
+each forward's median over rounds; per-round totals are shown too. The machine is shared: compare
+ratios within one table only (the header prints the load average).
 
-Rounds interleave the rows, the order rotating each round; tables show medians and per-round values.
-The machine is shared: compare ratios within one run only (the header prints the load average).
+Columns: audio-seconds per second; speed-up over the per-clip baseline; accuracy against the fp32
+per-clip reference -- max |score difference| over clips and classes, and top-1 agreement -- on the
+timed clips plus ``--accuracy-clips`` untimed short clips (non-fp32 rows; 8 clips alone say little);
+peak memory = peak RSS during a forward minus RSS before it (``/proc/self/status`` VmHWM reset through
+``/proc/self/clear_refs``, glibc's free heap trimmed first), the max over the row's forwards: the
+activations and workspace, not the weights. Compute floor: model FLOPs of the clip set, counted
+analytically from the module's shapes (conv feature extractor, positional convs, Linear layers per
+frame, attention 4 x N^2 x D per block; cross-checked against ``torch.utils.flop_counter.FlopCounterMode``
+on one clip) over this machine's matmul throughput measured after every round (``torch.matmul``
+fp32 / bf16; int8 = a dynamically quantized Linear), at ``--threads``. The int8 floor counts the
+Linear FLOPs at the int8 rate and the rest (convs, attention) at fp32. "floor %" = floor time /
+measured time.
 
-Attention probe (large shape, fp32): a few single padded forwards of equal-length clips, measuring
-peak RSS: funasr's attention materialises B x heads x N x N fp32 scores (several live copies per
-block), so memory grows with count x longest^2 -- the quantity ``plan_batches(max_attention=...)`` caps.
+Attention probe (fp32): single padded forwards of ``count`` equal clips: peak RSS per padded second
+and per count x longest^2. funasr's attention materialises B x heads x N x N fp32 scores (N = 50
+frames/s + 10 extra tokens; ~3.5 such tensors alive at the peak), which is what
+``plan_batches(max_attention=...)`` caps; the conv feature extractor's activations are linear in the
+padded length and are what ``max_padded_samples`` caps.
 
-GPU section (only when ``torch.cuda.is_available()``): a larger clip set; fp32/bf16/fp16 at batch 1 and
-planner-bucketed batches, ``torch.cuda.max_memory_allocated``, and the funasr per-clip path on a subset.
-Targets on one H100-class GPU: >= 2,000 audio-s/s and >= 10x the per-clip path.
+GPU section (only when ``torch.cuda.is_available()``; else it prints that it was skipped): a larger
+clip set; fp32/bf16/fp16 at batch 1 and planner-bucketed batches, ``torch.cuda.max_memory_allocated``,
+the funasr per-clip path on a subset. ``--gpu-device cpu`` runs that section on the CPU as a dry run.
 
-Targets on the 2-core CPU, large shape: batched fp32 (planner, default padding cap) no slower than the
-funasr per-clip path; the best validated mode (top-1 agreement >= 95% and max |score diff| <= 0.05
-against the fp32 per-clip reference) >= 1.5x the per-clip path.
+Targets (PASS/FAIL printed). CPU, large shape: batched fp32 (planner, default padding cap) no slower
+than the funasr per-clip path; the best validated mode >= 1.5x the per-clip path, where validated =
+top-1 agreement >= 95% and max |score difference| <= 0.05 against the fp32 per-clip reference. GPU
+(H100 class): the best validated batched row >= 2,000 audio-s/s and >= 10x the per-clip path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import os
@@ -85,9 +98,11 @@ GPU_TARGET_VS_PER_CLIP = 10.0
 ACCURACY_MIN_TOP1 = 0.95
 ACCURACY_MAX_ABS_DIFF = 0.05
 
+PRODUCT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # bf16-precast is a bench-only what-if
+ACCURACY_CLIPS = {"tiny": (48, 12.0), "large-shape": (16, 4.0)}  # extra untimed clips: count, max s
 MODEL_DEFAULTS = {  # clips, min s, max s, rounds, max padded audio seconds per batch
     "tiny": (40, 0.5, 12.0, 5, 240.0),
-    "large-shape": (10, 0.5, 12.0, 2, 240.0),
+    "large-shape": (8, 0.5, 12.0, 3, 240.0),
 }
 
 
@@ -95,14 +110,6 @@ MODEL_DEFAULTS = {  # clips, min s, max s, rounds, max padded audio seconds per 
 
 
 _LIBC = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/status") else None
-_M_MMAP_THRESHOLD = -3
-
-
-def _force_large_blocks_to_mmap() -> None:
-    """glibc otherwise raises its mmap threshold after frees and keeps big tensors in the heap, so a
-    row's RSS would depend on what earlier rows left behind. Blocks >= 1 MiB go straight to mmap."""
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _proc_status_kb(*keys: str) -> dict[str, int]:
@@ -117,8 +124,7 @@ class PeakRss:
         self.delta = 0
 
     def __enter__(self) -> PeakRss:
-        gc.collect()
-        if _LIBC is not None:
+        if _LIBC is not None:  # give freed heap pages back, so what the block touches again counts
             _LIBC.malloc_trim(0)
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -153,25 +159,45 @@ def make_clips(count: int, min_s: float, max_s: float, seed: int = 11) -> list[n
 # ------------------------------------------------------------------------------------------ models
 
 
+def defaults_key(model: str) -> str:
+    return model if model in MODEL_DEFAULTS else "large-shape"
+
+
 def model_directory(kind: str) -> Path:
     from emofleet.processors.tiny_model import LARGE_CONFIG, TINY_CONFIG, build_random_model
 
+    if Path(kind).expanduser().is_dir():  # a real checkpoint (config.yaml, model.pt, tokens.txt)
+        return Path(kind).expanduser()
     if kind == "large-shape":
         return build_random_model(CACHE_ROOT / "large-shape", LARGE_CONFIG, seed=0)
     if kind == "tiny":
         return build_random_model(CACHE_ROOT / "tiny-emotion2vec", TINY_CONFIG, seed=0)
-    raise SystemExit(f"unknown --model {kind!r}: use large-shape or tiny")
+    raise SystemExit(f"unknown --model {kind!r}: use large-shape, tiny or a model directory")
 
 
 def load(directory: Path, precision: str, device: str, threads: int) -> tuple[Any, float, int]:
-    """(EmotionModel, load seconds, RSS growth in bytes) through the production loader."""
+    """(EmotionModel, load seconds, RSS growth in bytes) through the production loader.
+
+    ``bf16-precast`` (bench-only what-if) is the bf16 model with every Linear/Conv weight and bias
+    cast to bf16 once: autocast would cast exactly these to bf16 on every forward, so the results
+    are the same and only the per-call cast (~300M parameters for the large shape) is gone.
+    """
     from emofleet.processors.model import load_model
 
     before, started = rss_bytes(), time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(ModelSettings(model=str(directory), device=device, threads=threads,
-                                         precision=precision))
+                                         precision="bf16" if precision == "bf16-precast" else precision))
+    if precision == "bf16-precast":
+        with torch.no_grad():
+            for module in model._module.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+                    for name in ("weight", "bias"):
+                        param = getattr(module, name)
+                        if param is not None:
+                            setattr(module, name, torch.nn.Parameter(param.to(torch.bfloat16),
+                                                                     requires_grad=False))
     return model, time.monotonic() - started, rss_bytes() - before
 
 
@@ -255,7 +281,7 @@ def floor_seconds(flops: dict[str, float], precision: str, rates: dict[str, floa
     total = sum(flops.values())
     if precision == "int8":
         return flops["linear"] / rates["int8"] + (total - flops["linear"]) / rates["fp32"]
-    return total / rates[precision]
+    return total / rates[precision.partition("-")[0]]
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -266,80 +292,135 @@ class Row:
     name: str
     precision: str  # of the model: fp32 / bf16 / fp16 / int8
     model: Any
-    plan: list[list[int]] | None  # None: funasr generate per clip
-    seconds: list[float] = field(default_factory=list)
+    plan: list[list[int]]  # the forwards of one pass over the clip set (batches of clip indices)
+    reference: bool = False  # funasr generate, one clip per call (plan: one clip each)
+    replan: Callable[[list[int]], list[list[int]]] | None = None  # the row's planning, for other clips
+    seconds: list[float] = field(default_factory=list)  # per round, the whole clip set
+    units: list[list[float]] = field(default_factory=list)  # per round, each forward (or clip)
+    cpu_units: list[list[float]] = field(default_factory=list)  # the same in process CPU seconds
     memory: list[int] = field(default_factory=list)
     scores: np.ndarray | None = None  # clips x classes, from the last round
 
     @property
+    def estimate(self) -> float:
+        """Seconds for the clip set: each forward's median over rounds, summed. A neighbour's burst
+        hits a few forwards of one round and is voted out; with one round this is that round."""
+        return float(sum(np.median(np.array(self.units), axis=0)))
+
+    @property
+    def best(self) -> float:
+        """Each forward's fastest round, summed: the least-disturbed estimate (other jobs only ever
+        add time), shown next to the medians."""
+        return float(sum(np.min(np.array(self.units), axis=0)))
+
+    @property
+    def cpu_estimate(self) -> float:
+        """Process CPU seconds (all threads), per-forward medians summed. Time other jobs take from
+        this process's threads is not in it, so it varies far less with the load here than wall
+        time; 2 threads kept busy would need cpu_estimate / 2 wall seconds."""
+        return float(sum(np.median(np.array(self.cpu_units), axis=0)))
+
+    @property
     def batches(self) -> str:
-        if self.plan is None:
+        if self.reference:
             return "1 each"
         sizes = sorted((len(b) for b in self.plan), reverse=True)
         return f"{len(self.plan)} ({'/'.join(map(str, sizes))})" if len(sizes) <= 12 else f"{len(self.plan)}"
 
 
-def run_row(row: Row, clips: Sequence[np.ndarray], device: str) -> None:
-    scores = np.zeros((len(clips), 9), dtype=np.float32)
+def run_unit(row: Row, index: int, clips: Sequence[np.ndarray], device: str) -> tuple[float, float, int]:
+    """One forward of ``row`` (a planned batch, or one funasr generate): wall seconds, process CPU
+    seconds (all threads) and peak memory."""
+    unit = row.plan[index]
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with PeakRss() as peak:
-        started = time.perf_counter()
-        if row.plan is None:
-            for i, clip in enumerate(clips):
-                scores[i] = row.model.predict_reference(clip).scores
+    if row.scores is None:
+        row.scores = np.zeros((len(clips), 9), dtype=np.float32)
+    with PeakRss() if not cuda else contextlib.nullcontext() as peak:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        if row.reference:
+            row.scores[unit[0]] = row.model.predict_reference(clips[unit[0]]).scores
         else:
-            for batch in row.plan:
-                for i, prediction in zip(batch, row.model.predict([clips[i] for i in batch]), strict=True):
-                    scores[i] = prediction.scores
+            for i, prediction in zip(unit, row.model.predict([clips[i] for i in unit]), strict=True):
+                row.scores[i] = prediction.scores
         if cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-    row.seconds.append(elapsed)
-    row.memory.append(torch.cuda.max_memory_allocated() - base if cuda else peak.delta)
-    row.scores = scores
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return elapsed, cpu, (torch.cuda.max_memory_allocated() - base) if cuda else peak.delta  # type: ignore[union-attr]
 
 
 def run_rounds(rows: list[Row], clips: Sequence[np.ndarray], rounds: int, device: str,
                rates_log: list[dict[str, float]] | None) -> None:
+    """Every row over the clip set ``rounds`` times, interleaved forward by forward.
+
+    Within a round, the forwards of all rows are run in order of the longest clip they hold (short
+    to long, long to short in odd rounds), rows taking turns at each length (the first row rotates
+    each round). So all rows meet the same clip lengths within seconds of one another, and a burst
+    from a neighbour's job lands on every row alike instead of on whichever row ran in that minute.
+    """
+    rank = {i: r for r, i in enumerate(sorted(range(len(clips)), key=lambda i: len(clips[i])))}
+    gc.collect()  # once: ~0.3 s with funasr loaded, and an idle gap makes the next forward slow here
     for r in range(rounds):
-        order = rows[r % len(rows):] + rows[: r % len(rows)]
-        if r % 2:
-            order = order[::-1]
-        for row in order:
-            run_row(row, clips, device)
-            log(f"round {r + 1}/{rounds} {row.name}: {row.seconds[-1]:.2f} s")
+        schedule = sorted(
+            (max(rank[i] for i in unit) * (-1 if r % 2 else 1), (k - r) % len(rows), k, u)
+            for k, row in enumerate(rows) for u, unit in enumerate(row.plan)
+        )
+        times = {k: [0.0] * len(row.plan) for k, row in enumerate(rows)}
+        cpu_times = {k: [0.0] * len(row.plan) for k, row in enumerate(rows)}
+        peaks = dict.fromkeys(times, 0)
+        for row in rows:  # untimed: the first forward after the GEMM measurement runs slow
+            row.model.predict([min(clips, key=len)])
+        round_started = time.monotonic()
+        for _, _, k, u in schedule:
+            times[k][u], cpu_times[k][u], memory = run_unit(rows[k], u, clips, device)
+            peaks[k] = max(peaks[k], memory)
+        for k, row in enumerate(rows):
+            row.units.append(times[k])
+            row.cpu_units.append(cpu_times[k])
+            row.seconds.append(sum(times[k]))
+            row.memory.append(peaks[k])
+        log(f"round {r + 1}/{rounds} in {time.monotonic() - round_started:.0f} s: "
+            + "; ".join(f"{row.name} {row.seconds[-1]:.2f} s" for row in rows))
         if rates_log is not None:
             rates_log.append(gemm_rates(device))
 
 
-def accuracy(row: Row, reference: Row) -> tuple[float, float, int]:
+def accuracy(row: Row, reference: Row) -> tuple[float, float, int, int]:
+    """max |score diff|, top-1 agreement fraction, agreeing clips, clips compared (rows scored on
+    fewer clips than the reference carry NaN rows, which are left out)."""
     assert row.scores is not None and reference.scores is not None
-    diff = float(np.abs(row.scores - reference.scores).max())
-    agree = int((row.scores.argmax(1) == reference.scores.argmax(1)).sum())
-    return diff, agree / len(row.scores), agree
+    scored = ~np.isnan(row.scores).any(1)
+    mine, theirs = row.scores[scored], reference.scores[scored]
+    diff = float(np.abs(mine - theirs).max())
+    agree = int((mine.argmax(1) == theirs.argmax(1)).sum())
+    return diff, agree / len(mine), agree, len(mine)
 
 
 def result_table(rows: list[Row], baseline: Row, total_audio: float, flops: dict[str, float],
                  rates: dict[str, float], gpu: bool) -> tuple[str, dict[str, dict[str, float]]]:
-    base_rate = total_audio / median(baseline.seconds)
-    headers = ["run", "batches", "audio-s/s", "vs per-clip", "max abs dp", "top-1 agree",
+    base_rate = total_audio / baseline.estimate
+    headers = ["run", "batches", "audio-s/s", "vs per-clip", "vs per-clip, best rounds", "vs per-clip, CPU time",
+               "max abs dp", "top-1 agree",
                "peak mem MB" + (" (GPU)" if gpu else " (RSS delta)"), "floor %", "audio-s/s per round"]
     table, stats = [], {}
     for row in rows:
-        rate = total_audio / median(row.seconds)
-        diff, agree, n_agree = accuracy(row, baseline)
+        rate = total_audio / row.estimate
+        diff, agree, n_agree, n_scored = accuracy(row, baseline)
         floor = floor_seconds(flops, row.precision, rates)
-        stats[row.name] = {"rate": rate, "ratio": rate / base_rate, "diff": diff, "agree": agree,
-                           "floor": floor / median(row.seconds)}
+        cpu_ratio = baseline.cpu_estimate / row.cpu_estimate
+        best_ratio = baseline.best / row.best
+        stats[row.name] = {"rate": rate, "ratio": rate / base_rate, "cpu_ratio": cpu_ratio,
+                           "best_ratio": best_ratio, "diff": diff,
+                           "agree": agree, "floor": floor / row.estimate,
+                           "product": row.precision in PRODUCT_PRECISIONS}
         table.append([
-            row.name, row.batches, rate, f"{rate / base_rate:.2f}x",
+            row.name, row.batches, rate, f"{rate / base_rate:.2f}x", f"{best_ratio:.2f}x", f"{cpu_ratio:.2f}x",
             "0 (reference)" if row is baseline else f"{diff:.2g}",
-            "-" if row is baseline else f"{n_agree}/{len(row.scores)}",  # type: ignore[arg-type]
-            median(row.memory) / 2**20, f"{100 * floor / median(row.seconds):.2g}%",
+            "-" if row is baseline else f"{n_agree}/{n_scored}",
+            median(row.memory) / 2**20, f"{100 * floor / row.estimate:.2g}%",
             ", ".join(f"{total_audio / s:.3g}" for s in row.seconds),
         ])
     return markdown_table(headers, table), stats
@@ -359,41 +440,66 @@ def verdict(ok: bool) -> str:
 def build_rows(models: dict[str, Any], baseline_model: Any, lengths: list[int], batch_sizes: list[int],
                max_padded: int, max_padding: float, what_if: list[float], max_attention: int | None,
                ) -> list[Row]:
-    rows = [Row(BASELINE, "fp32", baseline_model, None)]
-    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     kwargs = {"max_attention": max_attention} if max_attention else {}
+
+    def singles(lengths: list[int]) -> list[list[int]]:
+        return [[i] for i in sorted(range(len(lengths)), key=lengths.__getitem__)]
+
+    def planner(size: int, padding: float) -> Callable[[list[int]], list[list[int]]]:
+        return lambda lengths: plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
+                                            max_padding=padding, **kwargs)
+
+    rows = [Row(BASELINE, "fp32", baseline_model, [[i] for i in range(len(lengths))], reference=True)]
     for precision, model in models.items():
         seen: dict[str, Row] = {}
         for size in batch_sizes:
-            if size == 1:
-                rows.append(Row(f"{precision}, batch 1", precision, model, [[i] for i in by_length]))
-                continue
-            plan = plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
-                                max_padding=max_padding, **kwargs)
+            replan = singles if size == 1 else planner(size, max_padding)
+            plan = replan(lengths)
             key = repr(plan)
             if key in seen:  # same plan as a smaller B: run once, say so
                 seen[key].name = re.sub(r"<= (\S+) clips", rf"<= \1/{size} clips", seen[key].name)
                 continue
-            row = Row(f"{precision}, planner <= {size} clips, pad {max_padding:.2f}", precision, model, plan)
-            seen[key] = row
-            rows.append(row)
+            name = f"{precision}, batch 1" if size == 1 else f"{precision}, planner <= {size} clips, pad {max_padding:.2f}"
+            seen[key] = Row(name, precision, model, plan, replan=replan)
+            rows.append(seen[key])
         if precision == "fp32":
             size = max(batch_sizes)
             for padding in what_if:
-                plan = plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
-                                    max_padding=padding, **kwargs)
+                replan = planner(size, padding)
                 rows.append(Row(f"what-if: fp32, planner <= {size} clips, pad {padding:.2f}", "fp32",
-                                model, plan))
+                                model, replan(lengths), replan=replan))
     return rows
 
 
+def accuracy_pass(rows: list[Row], clips: Sequence[np.ndarray]) -> None:
+    """Score extra clips (untimed) with every non-fp32 row, planned as that row plans, and append them
+    to the rows' scores: top-1 agreement over 8 timed clips alone says little."""
+    lengths = [len(c) for c in clips]
+    checked = [row for row in rows[1:] if row.precision != "fp32" and row.replan is not None]
+    if not clips or not checked:
+        return
+    reference = np.stack([rows[0].model.predict_reference(c).scores for c in clips])
+    rows[0].scores = np.concatenate([rows[0].scores, reference])  # type: ignore[list-item]
+    for row in checked:
+        scores = np.zeros_like(reference)
+        for batch in row.replan(lengths):  # type: ignore[misc]
+            for i, prediction in zip(batch, row.model.predict([clips[i] for i in batch]), strict=True):
+                scores[i] = prediction.scores
+        row.scores = np.concatenate([row.scores, scores])  # type: ignore[list-item]
+        log(f"accuracy clips: {row.name} done")
+    n = len(rows[0].scores)  # type: ignore[arg-type]
+    for row in rows[1:]:
+        if len(row.scores) < n:  # type: ignore[arg-type]
+            row.scores = np.concatenate([row.scores, np.full((n - len(row.scores), 9), np.nan)])  # type: ignore[arg-type]
+
+
 def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
-    clips_n, min_s, max_s, rounds, max_audio = MODEL_DEFAULTS[args.model]
+    clips_n, min_s, max_s, rounds, max_audio = MODEL_DEFAULTS[defaults_key(args.model)]
     clips_n, min_s, max_s = args.clips or clips_n, args.min_seconds or min_s, args.max_seconds or max_s
     rounds = args.rounds or rounds
     torch.set_num_threads(args.threads)
     directory = model_directory(args.model)
-    clips = make_clips(clips_n, min_s, max_s)
+    clips = make_clips(clips_n, min_s, max_s, seed=args.seed)
     lengths = [len(c) for c in clips]
     total_audio = sum(lengths) / SAMPLE_RATE
     log(f"{len(clips)} clips, {total_audio:.1f} s of audio: "
@@ -424,13 +530,31 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     run_rounds(rows, clips, rounds, "cpu", rates_log)
     log(f"{rounds} rounds in {time.monotonic() - started:.0f} s")
+    accuracy_n, accuracy_max_s = ACCURACY_CLIPS[defaults_key(args.model)]
+    accuracy_n = args.accuracy_clips if args.accuracy_clips >= 0 else accuracy_n
+    accuracy_clips = make_clips(accuracy_n, min_s, accuracy_max_s, seed=args.seed + 100)
+    accuracy_pass(rows, accuracy_clips)
+    accuracy_audio = sum(len(c) for c in accuracy_clips) / SAMPLE_RATE
     rates = {k: median([r[k] for r in rates_log]) for k in rates_log[0]}
 
     table, stats = result_table(rows, rows[0], total_audio, flops, rates, gpu=False)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "threads": args.threads, "clip_seconds": [n / SAMPLE_RATE for n in lengths],
+            "load_average": os.getloadavg(), "gemm_flops_per_s": rates_log, "flops": flops,
+            "rows": [{"name": r.name, "precision": r.precision, "plan": r.plan, "seconds": r.units,
+                      "cpu_seconds": r.cpu_units, "peak_bytes": r.memory, **stats[r.name]} for r in rows],
+        }, indent=1))
     total_flops = sum(flops.values())
     print(f"\n### CPU, {args.model}, {args.threads} threads ({len(clips)} clips, {total_audio:.1f} s of "
           f"audio, {min_s:g}-{max_s:g} s log-uniform, {rounds} rounds; {machine_line()})\n")
     print(table)
+    if accuracy_clips:
+        print(f"\nAccuracy columns of non-fp32 rows also cover {len(accuracy_clips)} untimed clips "
+              f"({accuracy_audio:.1f} s, {min_s:g}-{accuracy_max_s:g} s), planned the same way; "
+              "fp32 rows: the timed clips only.")
     print(f"\nLoad (time / RSS growth; weights are mmap'd and shared): {'; '.join(load_lines)}.")
     print(f"Compute: {total_flops / total_audio / 1e9:.3g} GFLOP per audio second on this clip set "
           f"(conv {flops['conv'] / total_flops:.0%}, Linear {flops['linear'] / total_flops:.0%}, "
@@ -458,10 +582,11 @@ def attention_probe(model: Any, seconds_list: Sequence[tuple[int, float]]) -> st
         tokens = model.frames(len(clips[0])) + extra
         scores = count * heads * tokens * tokens * 4  # one fp32 B x H x N x N tensor
         rows.append([f"{count} x {seconds:g} s", f"{count * seconds * seconds:,.0f}", peak.delta / 2**20,
+                     peak.delta / 2**20 / (count * seconds), peak.delta / 2**20 / (count * seconds**2),
                      scores / 2**20, f"{peak.delta / scores:.1f}", elapsed])
         log(f"attention probe {count} x {seconds} s: {peak.delta / 2**20:.0f} MB, {elapsed:.1f} s")
-    return markdown_table(["batch", "count x longest^2 (s^2)", "peak RSS delta MB",
-                           "one B x H x N x N fp32 tensor MB", "peak / that", "seconds"], rows)
+    return markdown_table(["batch", "count x longest^2 (s^2)", "peak RSS delta MB", "MB per padded s",
+                           "MB per s^2", "one B x H x N x N fp32 tensor MB", "peak / that", "seconds"], rows)
 
 
 def gpu_section(args: argparse.Namespace, device: str) -> None:
@@ -478,11 +603,11 @@ def gpu_section(args: argparse.Namespace, device: str) -> None:
     reference_model.predict_reference(clips[0])
 
     # Per-clip paths on the subset (slow, short): funasr generate and our predict at B=1.
-    per_clip = [Row(BASELINE, "fp32", reference_model, None)]
+    per_clip = [Row(BASELINE, "fp32", reference_model, [[i] for i in range(len(subset))], reference=True)]
     per_clip += [Row(f"{p}, batch 1", p, m, [[i] for i in range(len(subset))]) for p, m in models.items()]
     run_rounds(per_clip, subset, args.gpu_rounds, device, None)
     baseline = per_clip[0]
-    base_rate = subset_audio / median(baseline.seconds)
+    base_rate = subset_audio / baseline.estimate
 
     # Batched rows on the whole set; accuracy checked against funasr on the subset clips.
     batched = []
@@ -509,7 +634,7 @@ def gpu_section(args: argparse.Namespace, device: str) -> None:
     for row in per_clip + batched:
         on_subset = any(row is r for r in per_clip)
         audio = subset_audio if on_subset else total_audio
-        rate = audio / median(row.seconds)
+        rate = audio / row.estimate
         scores = row.scores[: len(subset)]  # type: ignore[index]
         diff = float(np.abs(scores - baseline.scores).max())  # type: ignore[operator]
         agree = int((scores.argmax(1) == baseline.scores.argmax(1)).sum())  # type: ignore[union-attr]
@@ -519,10 +644,10 @@ def gpu_section(args: argparse.Namespace, device: str) -> None:
         if not on_subset and ok and rate > best[0]:
             best = (rate, row.name)
         table.append([row.name, len(subset) if on_subset else len(clips), row.batches if not on_subset
-                      or row.plan is None else f"{len(subset)} (1 each)", rate, f"{rate / base_rate:.2f}x",
+                      or row.reference else f"{len(subset)} (1 each)", rate, f"{rate / base_rate:.2f}x",
                       "0 (reference)" if row is baseline else f"{diff:.2g}",
                       "-" if row is baseline else f"{agree}/{len(subset)}", median(row.memory) / 2**20,
-                      f"{100 * floor / median(row.seconds):.2g}%",
+                      f"{100 * floor / row.estimate:.2g}%",
                       ", ".join(f"{audio / s:.4g}" for s in row.seconds)])
     print(f"\n### GPU, {name}, {args.model} ({len(clips)} clips, {total_audio:.0f} s of audio, 0.5-12 s; "
           f"per-clip rows on the first {len(subset)} clips, {subset_audio:.0f} s; {args.gpu_rounds} rounds)\n")
@@ -540,16 +665,24 @@ def cpu_targets(stats: dict[str, dict[str, float]]) -> None:
     if batched:
         name, stat = max(batched.items(), key=lambda kv: kv[1]["ratio"])
         print(f"\nCPU target: batched fp32 (default padding cap) >= {CPU_TARGET_BATCHED_VS_PER_CLIP:.1f}x "
-              f"per-clip: {stat['ratio']:.2f}x ({name}): {verdict(stat['ratio'] >= CPU_TARGET_BATCHED_VS_PER_CLIP)}")
-    candidates = {k: v for k, v in stats.items() if k != BASELINE and not k.startswith("what-if") and validated(v)}
+              f"per-clip: {stat['ratio']:.2f}x median, {stat['best_ratio']:.2f}x best rounds, {stat['cpu_ratio']:.2f}x CPU time ({name}): "
+              f"{verdict(stat['ratio'] >= CPU_TARGET_BATCHED_VS_PER_CLIP)}")
+    candidates = {k: v for k, v in stats.items()
+                  if k != BASELINE and not k.startswith("what-if") and v["product"] and validated(v)}
     rejected = [k for k, v in stats.items() if k != BASELINE and not validated(v)]
     if candidates:
         name, stat = max(candidates.items(), key=lambda kv: kv[1]["ratio"])
         print(f"CPU target: best validated mode (top-1 >= {ACCURACY_MIN_TOP1:.0%}, max |dp| <= "
               f"{ACCURACY_MAX_ABS_DIFF}) >= {CPU_TARGET_BEST_VS_PER_CLIP:.1f}x per-clip fp32: "
-              f"{stat['ratio']:.2f}x ({name}): {verdict(stat['ratio'] >= CPU_TARGET_BEST_VS_PER_CLIP)}")
+              f"{stat['ratio']:.2f}x median, {stat['best_ratio']:.2f}x best rounds, {stat['cpu_ratio']:.2f}x CPU time ({name}): "
+              f"{verdict(stat['ratio'] >= CPU_TARGET_BEST_VS_PER_CLIP)}")
     if rejected:
-        print(f"Not validated (accuracy): {', '.join(rejected)}")
+        print(f"Not validated (accuracy): {'; '.join(rejected)}")
+    modes = {k: v for k, v in stats.items() if k != BASELINE and not k.startswith("what-if") and v["product"]}
+    if modes:
+        name, stat = max(modes.items(), key=lambda kv: kv[1]["ratio"])
+        print(f"Fastest mode, validated or not: {name}: {stat['ratio']:.2f}x wall, {stat['cpu_ratio']:.2f}x "
+              f"CPU time, max |dp| {stat['diff']:.2g}, top-1 agreement {stat['agree']:.0%}")
 
 
 def main() -> None:
@@ -557,11 +690,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     csv_int = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     csv_str = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    parser.add_argument("--model", default="large-shape", choices=sorted(MODEL_DEFAULTS))
+    parser.add_argument("--model", default="large-shape",
+                        help="large-shape (random weights), tiny, or a model directory (e.g. the real "
+                             "emotion2vec_plus_large, to validate precisions on real weights)")
     parser.add_argument("--clips", type=int, default=0)
     parser.add_argument("--min-seconds", type=float, default=0.0)
     parser.add_argument("--max-seconds", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=0)
+    parser.add_argument("--accuracy-clips", type=int, default=-1,
+                        help="extra untimed clips for the accuracy columns of non-fp32 rows (default per model)")
+    parser.add_argument("--seed", type=int, default=11, help="clip set (lengths and signals)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precisions", type=csv_str, default=["fp32", "bf16", "int8"])
     parser.add_argument("--batch-sizes", type=csv_int, default=[1, 4, 8])
@@ -571,8 +709,10 @@ def main() -> None:
     parser.add_argument("--max-attention-s2", type=float, default=0.0,
                         help="planner attention cap, count x longest^2 in seconds^2 (0: none)")
     parser.add_argument("--no-attention-probe", action="store_true")
-    parser.add_argument("--attention-probe", type=str, default="1x6,4x6,1x12",
+    parser.add_argument("--probe-only", action="store_true", help="only the attention memory probe")
+    parser.add_argument("--attention-probe", type=str, default="1x8,4x8,1x16,1x30",
                         help="COUNTxSECONDS,... single forwards for the attention memory table")
+    parser.add_argument("--json", default="", help="also write the raw per-forward timings here")
     parser.add_argument("--no-gpu", action="store_true")
     parser.add_argument("--gpu-clips", type=int, default=512)
     parser.add_argument("--gpu-per-clip", type=int, default=48)
@@ -583,15 +723,20 @@ def main() -> None:
     parser.add_argument("--gpu-device", default="cuda:0",
                         help="device of the GPU section; 'cpu' runs it as a dry run (testing the script)")
     args = parser.parse_args()
-    _force_large_blocks_to_mmap()
 
-    result = cpu_section(args)
-    cpu_targets(result["stats"])
-    if not args.no_attention_probe and "fp32" in result["models"]:
+    if args.probe_only:
+        torch.set_num_threads(args.threads)
+        models = {"fp32": load(model_directory(args.model), "fp32", "cpu", args.threads)[0]}
+    else:
+        result = cpu_section(args)
+        cpu_targets(result["stats"])
+        models = result.pop("models")
+        del result
+    if not args.no_attention_probe and "fp32" in models:
         probes = [(int(c), float(s)) for c, s in (p.split("x") for p in args.attention_probe.split(","))]
-        print(f"\n#### Attention memory, {args.model}, fp32, one padded forward each\n")
-        print(attention_probe(result["models"]["fp32"], probes))
-    del result
+        print(f"\n#### Attention memory, {args.model}, fp32, one padded forward each ({machine_line()})\n")
+        print(attention_probe(models["fp32"], probes))
+    del models
     gc.collect()
 
     if args.no_gpu:

@@ -215,6 +215,35 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0 if stored == report.sent and not failed else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load test: the pipeline started as `up` starts it (or --attach to a running one), logic in loadtest.py."""
+    from emofleet.loadtest import find_pipeline_processes, markdown, options_from, run_bench, stack_processes
+    from emofleet.streams.topics import ensure_topics, pipeline_topics
+    from emofleet.up import Supervisor, child_env, pipeline_commands
+
+    try:
+        options = options_from(args)
+    except ValueError as error:
+        raise UserError(str(error), "see `emofleet bench --help`") from None
+    with contextlib.ExitStack() as stack:
+        settings = load_settings(args)
+        members, check = find_pipeline_processes, (lambda: None)
+        if not args.attach:
+            settings = _start_backend(settings, stack)
+            _print_topics(ensure_topics(_admin(settings), pipeline_topics(settings.kafka)))
+            root = (settings.data_dir / "samples").resolve()
+            settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
+            supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port),
+                                    child_env(settings), settings.data_dir / "logs")
+            supervisor.start()
+            stack.callback(supervisor.stop)
+            members, check = (lambda: {n: c.pid for n, c in supervisor.children.items()}), supervisor.check
+        report = run_bench(settings, options, runner=_stored_rows_runner(settings, stack), check=check,
+                           processes=lambda: members() | stack_processes(settings.data_dir) | {"bench": os.getpid()})
+    print(markdown(report))
+    return 0 if report["complete"] and not report["send_failures"] else 1
+
+
 def cmd_process(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     _configure_logging(args.log_level, settings)
@@ -370,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-running", action="store_true", help="leave the processors running afterwards")
     _add_observability(up, "serve /metrics /healthz /readyz: processors on PORT, PORT+1, ..., the sink, then the "
                            "aggregator (default 0: off)")
+
+    from emofleet.loadtest import add_arguments as add_bench_arguments
+
+    bench = command("bench", cmd_bench, "load test: references at --rate against the pipeline (started as `up` does, "
+                                        "or --attach), measured from outside: refs/s, latency P50/P95/P99, dead-letter "
+                                        "and cache hit rates, CPU and RSS per process; JSON, markdown and PNG report")
+    add_bench_arguments(bench)
 
     process = command("process", cmd_process,
                       "run one member of the processor group: audio references in, emotion events out")

@@ -341,7 +341,17 @@ class ClickHouseSink:
                    if (t, p) in self.assigned]
         if offsets:
             started = time.perf_counter()
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as error:
+                # e.g. UNKNOWN_MEMBER_ID after a broker restart or a session timeout. The rows are stored:
+                # whoever replays them next skips them (resume_after), so this is no reason to die.
+                if error.args[0].fatal():
+                    raise
+                self.metrics.commit_failures.inc()
+                log.warning("offset commit failed (%s); the stored rows will be skipped when replayed",
+                            error.args[0].str())
+                return
             self.metrics.commit_seconds.labels("sync").observe(time.perf_counter() - started)
             self._lag.committed({(o.topic, o.partition): o.offset for o in offsets})
 

@@ -1,8 +1,8 @@
 """The pipeline the fault-injection suite (tests/test_faults.py) runs and breaks, and how it keeps the books.
 
-One campaign per module: a durable broker (Tansu with ``s3://`` storage on a local moto S3 server, so a
-kill -9 of the broker loses nothing; memory storage when moto is not installed, then the broker fault is
-skipped), a dedicated redis-server on a free port (SIGSTOP-able; the shared one is never touched),
+A pipeline: a Tansu broker (memory storage; or, for the broker-restart fault, ``s3://`` storage on a local
+moto S3 server, so a kill -9 of the broker loses nothing), a dedicated redis-server on a free port
+(SIGSTOP-able; the shared one is never touched),
 processor subprocesses (``python -m emofleet.cli process``, as `emofleet up` runs them) plus in-process
 members for fast churn, and the ClickHouse sink in this process on its own chDB directory, through a
 wrapper that can make every insert fail and a ``before_commit`` hook that can crash it between insert
@@ -18,9 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -38,7 +36,7 @@ import soundfile as sf
 from confluent_kafka import Producer
 
 from emofleet.infra.local_stack import (
-    ensure_redis, free_port, port_open, process_alive, start_broker, stop_process, wait_until,
+    ensure_redis, free_port, port_open, start_broker, stop_process, wait_until,
 )
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.samples import synth_clip
@@ -82,11 +80,12 @@ def moto_available() -> bool:
 
 
 class DurableBroker:
-    """Tansu on ``s3://`` against moto's S3 server (or memory storage without moto)."""
+    """Tansu on ``s3://`` against moto's S3 server (``durable``), or on memory storage."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, durable: bool) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.durable = moto_available() and os.environ.get("EMOFLEET_FAULTS_BROKER", "s3") == "s3"
+        self.durable = durable
         self.moto: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         if self.durable:
@@ -332,6 +331,7 @@ class Message:
     reasons: frozenset[str]  # dead-letter reasons that are right for this input (empty: must succeed)
     key: bytes
     value: bytes
+    reference: dict[str, Any] | None = None  # re-encoded when sent, so produced_at is the send time
 
 
 def reference(audio_id: str, uri: str, phase: str) -> dict[str, Any]:
@@ -498,7 +498,7 @@ def poison_messages(phase: str, prefix: str, root: Path, files: dict[str, Path],
                 value = codec.encode("audio_reference", reference(ident, uri, phase), topic=topic)
             else:
                 value = make(ident)  # type: ignore[misc]
-            messages.append(Message(ident, kind, reasons, ident.encode(), value))
+            messages.append(Message(ident, kind, reasons, ident.encode(), value))  # sent as built
     return messages
 
 
@@ -508,7 +508,8 @@ def good_messages(phase: str, prefix: str, pool: ClipPool, topic: str, count: in
     for n in range(start, start + count):
         ident = f"{prefix}{n}"
         ref = make_reference({"uri": pool.next_uri(), "audio_id": ident, "tenant": "faults", "source": phase})
-        out.append(Message(ident, "good", frozenset(), ident.encode(), codec.encode("audio_reference", ref, topic=topic)))
+        out.append(Message(ident, "good", frozenset(), ident.encode(), codec.encode("audio_reference", ref, topic=topic),
+                           ref))
     return out
 
 
@@ -532,6 +533,7 @@ class Feeder:
     def _run(self) -> None:
         producer = Producer(idempotent_producer_config(self._settings.kafka, **{"linger.ms": 5, "log_level": 2}))
         topic = self._settings.kafka.audio_topic
+        codec = make_codec()
         start = time.monotonic()
 
         def delivered(error: Any, message: Any) -> None:
@@ -543,7 +545,9 @@ class Feeder:
             if (delay := due - time.monotonic()) > 0:
                 self._stop.wait(delay)  # pacing the offered load, not synchronisation
             value = message.value
-            self.sent_at[message.ident] = time.time()
+            self.sent_at[message.ident] = now = time.time()
+            if message.reference is not None:
+                value = codec.encode("audio_reference", message.reference | {"produced_at": int(now * 1000)}, topic=topic)
             while True:
                 try:
                     producer.produce(topic, key=message.key, value=value, on_delivery=delivered)
@@ -573,6 +577,7 @@ class Accounting:
     stored_events: int = 0  # ids with a whole-clip row
     dead_lettered: int = 0  # ids with a dead letter row
     lost: list[str] = field(default_factory=list)
+    lost_ids: list[str] = field(default_factory=list)
     duplicate_rows: int = 0  # rows beyond one per id (events, no FINAL) + dead letters beyond one per id
     double_outcome: list[str] = field(default_factory=list)  # an id with both a result and a dead letter
     wrong_reason: list[str] = field(default_factory=list)
@@ -614,6 +619,7 @@ def account(run: Callable[..., list[dict]], database: str, prefix: str, messages
         event, letter = events.get(message.ident), dead.get(message.ident)
         if event is None and letter is None:
             result.lost.append(f"{message.ident} ({message.kind})")
+            result.lost_ids.append(message.ident)
             continue
         if event is not None and letter is not None:
             result.double_outcome.append(message.ident)
@@ -671,7 +677,7 @@ def dedicated_redis(workdir: Path) -> Iterator[tuple[str, int]]:
 
 
 def campaign_settings(base: Settings, *, bootstrap: str, redis_url: str, name: str, data_dir: Path,
-                      file_root: Path, http_host: str) -> Settings:
+                      file_root: Path, http_host: str, database: str) -> Settings:
     from emofleet.streams.config import AudioSettings, BatchSettings, ClickHouseSettings, KafkaSettings
 
     kafka = KafkaSettings(
@@ -686,7 +692,7 @@ def campaign_settings(base: Settings, *, bootstrap: str, redis_url: str, name: s
         cache=replace(base.cache, redis_url=redis_url, key_prefix=f"faults:{name}", claim_seconds=10),
         model=replace(base.model, model="tiny", threads=1),
         batch=BatchSettings(max_wait_ms=50, commit_interval_seconds=0.2, revoke_grace_seconds=5.0),
-        clickhouse=replace(ClickHouseSettings(), batch_rows=5000, batch_seconds=0.3),
+        clickhouse=replace(ClickHouseSettings(), database=database, batch_rows=5000, batch_seconds=0.3),
     )
 
 
@@ -694,12 +700,53 @@ def prepare_model(settings: Settings) -> None:
     build_tiny_model(settings.data_dir / "models" / "tiny-emotion2vec")  # once, before members race to it
 
 
-def alive(pid: int) -> bool:
-    return process_alive(pid)
+def broker_losses(settings: Settings, lost_ids: list[str]) -> dict[str, str]:
+    """For references without an outcome: was it the broker? ``{id: why}`` for those it was.
 
+    Tansu on S3 (moto) sometimes does not serve a message it acknowledged (acks=all, idempotent), measured
+    outside the pipeline too. So a reference the audio topic no longer holds was lost by the broker, and so
+    was a result when the processor group committed past its reference but the results topic lacks it.
+    Anything else (a result in Kafka but not in ClickHouse, a reference never committed) is left to fail."""
+    from confluent_kafka import Consumer, TopicPartition
 
-def choose(rng: random.Random, items: list[Any]) -> Any:
-    return items[rng.randrange(len(items))]
+    from kafka_helpers import TopicReader
 
+    if not lost_ids:
+        return {}
+    codec = make_codec()
+    kafka = settings.kafka
 
-_ = struct  # (kept for poison builders that pack headers by hand)
+    def everything(topic: str) -> list[Any]:
+        reader = TopicReader(kafka.bootstrap_servers, topic)
+        try:
+            count, quiet = -1, 0
+            deadline = time.monotonic() + 60
+            while quiet < 3 and time.monotonic() < deadline:
+                messages = reader.poll(0.5)
+                quiet, count = (quiet + 1, count) if len(messages) == count else (0, len(messages))
+            return list(reader.messages)
+        finally:
+            reader.close()
+
+    positions = {}
+    for message in everything(kafka.audio_topic):
+        try:
+            audio_id = codec.decode("audio_reference", message.value(), topic=kafka.audio_topic)["audio_id"]
+        except Exception:  # noqa: BLE001 - poison has no audio id
+            continue
+        positions[audio_id] = (message.partition(), message.offset())
+    results = {codec.decode("emotion_event", m.value(), topic=kafka.results_topic)["audio_id"]
+               for m in everything(kafka.results_topic)}
+    reader = Consumer(kafka.client_config() | {"group.id": kafka.processor_group, "log_level": 0})
+    try:
+        committed = {tp.partition: tp.offset for tp in reader.committed(
+            [TopicPartition(kafka.audio_topic, p) for p in range(kafka.partitions)], timeout=10)}
+    finally:
+        reader.close()
+    why = {}
+    for ident in lost_ids:
+        if ident not in positions:
+            why[ident] = "acknowledged reference not served by the broker after its restart"
+        elif ident not in results and committed.get(positions[ident][0], -1) > positions[ident][1]:
+            why[ident] = "acknowledged result not served by the broker (the group had committed past it)"
+    return why

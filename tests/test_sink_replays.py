@@ -99,3 +99,38 @@ def test_a_restarted_sink_remembers_what_is_stored(sink_settings: Settings, chdb
 
     assert counts(direct_runner(chdb), database) == (220, 220)
     assert restarted.stats.skipped_duplicates == 30
+
+
+class _CommitFailsOnce:
+    """The sink's consumer, whose first synchronous commit fails as after a broker restart."""
+
+    def __init__(self, consumer: object) -> None:
+        self._consumer = consumer
+        self.failed = 0
+
+    def commit(self, *args: object, **kwargs: object) -> object:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if not self.failed:
+            self.failed += 1
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Commit failed: Broker: Unknown member"))
+        return self._consumer.commit(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._consumer, name)
+
+
+def test_a_failed_commit_does_not_stop_the_sink(sink_settings: Settings, chdb) -> None:
+    """Found by tests/test_faults.py: after a broker restart the group forgot the sink's member and its sync
+    commit raised UNKNOWN_MEMBER_ID out of run(). The rows are stored, so the sink carries on."""
+    database = sink_settings.clickhouse.database
+    publish(sink_settings, make_events(100))
+    with running_sink(sink_settings, chdb) as sink:
+        sink._consumer = failing = _CommitFailsOnce(sink._consumer)  # noqa: SLF001 - fault injection
+        run = owner_runner(sink_settings.data_dir)
+        wait_rows(run, database, 100)
+        publish(sink_settings, make_events(50, start=100))
+        rows, ids = wait_rows(run, database, 150)
+    assert failing.failed == 1
+    assert sink.errors == []  # type: ignore[attr-defined]
+    assert (rows, ids) == (150, 150)
