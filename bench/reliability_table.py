@@ -39,7 +39,7 @@ def what_happened(row: dict[str, Any]) -> str:
         parts.append(f"the sink skipped {sink['skipped_replays']} re-read messages ClickHouse already had")
     if row.get("dead_lettered"):
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(row.get("dead_letter_reasons", {}).items()))
-        parts.append(f"{row['dead_lettered']} dead letters, each with its expected reason ({reasons})")
+        parts.append(f"{row['dead_lettered']} dead letters, each with the reason expected for its input ({reasons})")
     if "S3" not in row["fault"] and row.get("broker_storage", "").startswith("s3"):
         parts.append("broker on S3 storage")
     return "; ".join(parts) or "-"
@@ -50,8 +50,9 @@ def table(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in report["faults"]:
         recovery = f"{row['recovery_seconds']:.1f} s" if row.get("faults_injected") else "-"
+        lost = f"{row['lost']}" + (f" (+{row['lost_by_broker']} by the broker)" if row.get("lost_by_broker") else "")
         lines.append(f"| {row['fault']} | {what_happened(row)} | {row['references']:,} | "
-                     f"{row['stored']:,} / {row['dead_lettered']:,} | {row['lost']} | {row['duplicated']} | {recovery} |")
+                     f"{row['stored']:,} / {row['dead_lettered']:,} | {lost} | {row['duplicated']} | {recovery} |")
     meta = report.get("meta", {})
     total = sum(r["references"] for r in report["faults"])
     lost = sum(r["lost"] for r in report["faults"])

@@ -217,7 +217,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Load test: the pipeline started as `up` starts it (or --attach to a running one), logic in loadtest.py."""
-    from emofleet.loadtest import find_pipeline_processes, markdown, options_from, run_bench, stack_processes
+    from emofleet.loadtest import (BenchError, find_pipeline_processes, markdown, options_from, run_bench,
+                                   stack_processes)
     from emofleet.streams.topics import ensure_topics, pipeline_topics
     from emofleet.up import Supervisor, child_env, pipeline_commands
 
@@ -238,8 +239,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             supervisor.start()
             stack.callback(supervisor.stop)
             members, check = (lambda: {n: c.pid for n, c in supervisor.children.items()}), supervisor.check
-        report = run_bench(settings, options, runner=_stored_rows_runner(settings, stack), check=check,
-                           processes=lambda: members() | stack_processes(settings.data_dir) | {"bench": os.getpid()})
+        try:
+            report = run_bench(settings, options, runner=_stored_rows_runner(settings, stack), check=check,
+                               processes=lambda: members() | stack_processes(settings.data_dir)
+                               | {"bench": os.getpid()})
+        except BenchError as error:
+            raise UserError(str(error), "without --attach the pipeline's logs are in <data dir>/logs") from None
     print(markdown(report))
     return 0 if report["complete"] and not report["send_failures"] else 1
 

@@ -17,7 +17,8 @@ What it does:
    from ``/proc``, and ClickHouse's count of this run's outcomes; it stops when every reference has a
    row or a dead letter, or ``--timeout`` seconds after the last one was sent.
 
-Measured from ClickHouse afterwards, per reference of the run (``audio_id`` ``bench-<run>-m-<n>``; warm-up ones ``-w-``):
+Measured from ClickHouse afterwards, per reference of the run (``audio_id`` ``bench-<run>-m-<n>``; the
+warm-up's are ``bench-<run>-w-<n>``):
 
 * end-to-end latency = ``inserted_at - reference_produced_at`` of its whole-clip row (the sink stamps
   ``inserted_at`` when the insert is sent, so this is produce -> row written), P50/P95/P99/max;
@@ -44,6 +45,10 @@ from typing import Any
 QueryRunner = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _ROLES = {"process": "processor", "sink": "sink", "aggregate": "aggregator"}
+
+
+class BenchError(RuntimeError):
+    """The bench could not measure (the pipeline never answered); the message says what to look at."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,7 @@ def run_bench(settings: Any, options: BenchOptions, *, runner: Callable[[], Quer
         produce(settings, f"{run_id}-w", uris[:options.warmup], 0, warm)
         say(f"warm-up: {options.warmup} references sent, waiting for their rows (model load, first insert)")
         if follow(f"bench-{run_id}-w-", options.warmup, options.timeout) < options.warmup:
-            raise RuntimeError(f"warm-up references did not reach ClickHouse within {options.timeout:.0f} s; "
+            raise BenchError(f"warm-up references did not reach ClickHouse within {options.timeout:.0f} s; "
                                f"see the logs under {settings.data_dir / 'logs'}")
     expected = total
     prefix = f"bench-{run_id}-m-"
@@ -285,14 +290,14 @@ def run_bench(settings: Any, options: BenchOptions, *, runner: Callable[[], Quer
     t0 = time.time()
     sampler.sample(processes(), 0.0)
     say(f"offering {total} references at {options.rate or 'max'}/s")
-    producer = threading.Thread(target=produce, args=(settings, f"{run_id}-m", uris[options.warmup:], options.rate, sent),
-                                name="bench-producer", daemon=True)
+    producer = threading.Thread(target=produce, name="bench-producer", daemon=True,
+                                args=(settings, f"{run_id}-m", uris[options.warmup:], options.rate, sent))
     producer.start()
     done = follow(prefix, expected, options.timeout, sampler, t0, progress, producer)
     producer.join()
     run = runner()
     if run is None:
-        raise RuntimeError("no way to query ClickHouse (is the sink running?)")
+        raise BenchError("no way to query ClickHouse (is the sink running?)")
     rows, dead = outcomes(run, database, prefix)
     report = build_report(run_id, settings, options, t0, sent, rows, dead, sampler, progress, done, expected)
     write_outputs(report, Path(out))
@@ -386,8 +391,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, p in sorted(report["processes"].items()):
-        lines.append(f"| {name} | {', '.join(map(str, p['pids']))} | {p['cpu_percent_mean']} | {p['cpu_percent_max']} | "
-                     f"{p['rss_mb_mean']} | {p['rss_mb_max']} | {p['restarts']} |")
+        lines.append(f"| {name} | {', '.join(map(str, p['pids']))} | {p['cpu_percent_mean']} | "
+                     f"{p['cpu_percent_max']} | {p['rss_mb_mean']} | {p['rss_mb_max']} | {p['restarts']} |")
     if not report["complete"]:
         lines += ["", f"**Incomplete**: {report['missing']} references had no outcome when the bench gave up."]
     return "\n".join(lines) + "\n"
@@ -494,7 +499,8 @@ def add_arguments(parser: Any) -> None:
 
 def options_from(args: Any) -> BenchOptions:
     if args.min_seconds > args.max_seconds or args.max_seconds <= 0:
-        raise ValueError(f"--min-seconds {args.min_seconds} / --max-seconds {args.max_seconds}: need 0 <= min <= max, max > 0")
+        raise ValueError(f"--min-seconds {args.min_seconds} / --max-seconds {args.max_seconds}: "
+                         "need 0 <= min <= max and max > 0")
     return BenchOptions(rate=args.rate, duration=args.duration, refs=args.refs, min_seconds=args.min_seconds,
                         max_seconds=args.max_seconds, repeat_fraction=args.repeat_fraction,
                         poison_fraction=args.poison_fraction, warmup=args.warmup, timeout=args.timeout,

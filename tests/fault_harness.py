@@ -508,8 +508,8 @@ def good_messages(phase: str, prefix: str, pool: ClipPool, topic: str, count: in
     for n in range(start, start + count):
         ident = f"{prefix}{n}"
         ref = make_reference({"uri": pool.next_uri(), "audio_id": ident, "tenant": "faults", "source": phase})
-        out.append(Message(ident, "good", frozenset(), ident.encode(), codec.encode("audio_reference", ref, topic=topic),
-                           ref))
+        value = codec.encode("audio_reference", ref, topic=topic)
+        out.append(Message(ident, "good", frozenset(), ident.encode(), value, ref))
     return out
 
 
@@ -547,7 +547,8 @@ class Feeder:
             value = message.value
             self.sent_at[message.ident] = now = time.time()
             if message.reference is not None:
-                value = codec.encode("audio_reference", message.reference | {"produced_at": int(now * 1000)}, topic=topic)
+                stamped = message.reference | {"produced_at": int(now * 1000)}
+                value = codec.encode("audio_reference", stamped, topic=topic)
             while True:
                 try:
                     producer.produce(topic, key=message.key, value=value, on_delivery=delivered)
