@@ -45,6 +45,8 @@ from emofleet.streams.config import Settings, to_env
 from emofleet.streams.producer import idempotent_producer_config
 from emofleet.streams.references import make_reference
 
+from pipeline_helpers import FlakyClient
+
 S3_BUCKET = "tansu"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "emofleet-test", "AWS_SECRET_ACCESS_KEY": "emofleet-test",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
@@ -130,24 +132,6 @@ class DurableBroker:
 # ---------------------------------------------------------------------------------------- ClickHouse
 
 
-class FailingInserts:
-    """The real chDB client; every insert raises while ``failing`` is set (ClickHouse unreachable)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.failing = threading.Event()
-        self.failed = 0
-
-    def insert(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failing.is_set():
-            self.failed += 1
-            raise ConnectionError("injected: ClickHouse unreachable")
-        return self._client.insert(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 class SinkCrash(BaseException):
     """Raised by the ``before_commit`` hook: the sink dies between insert and commit."""
 
@@ -155,7 +139,7 @@ class SinkCrash(BaseException):
 class SinkRunner:
     """The in-process ClickHouseSink in a thread; restartable, with an armable crash before commit."""
 
-    def __init__(self, settings: Settings, client: FailingInserts, lock: threading.Lock) -> None:
+    def __init__(self, settings: Settings, client: FlakyClient, lock: threading.Lock) -> None:
         self.settings = settings
         self.client = client
         self.lock = lock

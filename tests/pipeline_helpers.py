@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,3 +70,21 @@ def outcomes(settings: Settings, expected: int, timeout: float = 60.0) -> tuple[
     finally:
         results.close()
         dead_letters.close()
+
+
+class FlakyClient:
+    """The real client, with inserts failing while ``failing`` is set (ClickHouse unreachable)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.failing = threading.Event()
+        self.failed = 0
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing.is_set():
+            self.failed += 1
+            raise ConnectionError("injected: ClickHouse unreachable")
+        return self._client.insert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)

@@ -40,11 +40,11 @@ from emofleet.sinks.schema import migrate
 from emofleet.streams.config import Settings
 
 from fault_harness import (
-    ClipPool, DurableBroker, FailingInserts, Feeder, HttpFixture, Message, SinkRunner, SubprocessMember, ThreadMember,
+    ClipPool, DurableBroker, Feeder, HttpFixture, Message, SinkRunner, SubprocessMember, ThreadMember,
     account, broker_losses, campaign_settings, dedicated_redis, good_messages, moto_available, poison_files,
     poison_messages, prepare_model, recovery_seconds, settled_count, write_report,
 )
-from pipeline_helpers import create_topics
+from pipeline_helpers import FlakyClient, create_topics
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(420),
               pytest.mark.backend("embedded", reason="starts its own brokers and breaks them")]
@@ -205,7 +205,7 @@ class Shared:
         self.client = connect(replace(Settings().clickhouse, database="faults_main"),
                               f"chdb://{(workdir / 'data' / 'chdb').resolve()}")
         self.lock = threading.Lock()
-        self.inserts = FailingInserts(self.client)
+        self.inserts = FlakyClient(self.client)
         self.run = direct_runner(self.client, self.lock)
         self.rows: list[dict[str, Any]] = []
         self.unplanned: list[str] = []

@@ -31,7 +31,7 @@ from emofleet.streams.metrics import (GpuCollector, Health, Metrics, MetricsServ
                                       sink_health)
 
 from kafka_helpers import read_topic
-from pipeline_helpers import create_topics, enqueue_uris, outcomes, running_processor, sample_uris
+from pipeline_helpers import FlakyClient, create_topics, enqueue_uris, outcomes, running_processor, sample_uris
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -154,7 +154,8 @@ def test_processor_and_sink_metrics_match_the_real_counts(settings: Settings, tm
     # The sink reads those results and dead letters into ClickHouse; one insert fails first.
     client = connect(settings.clickhouse, settings.clickhouse_dsn)
     migrate(client, settings.clickhouse.database)
-    flaky = FailingFirstInsert(client)
+    flaky = FlakyClient(client)
+    flaky.failing.set()
     sink_settings = replace(settings, clickhouse=replace(settings.clickhouse, batch_rows=200, batch_seconds=0.2))
     metrics = Metrics("sink")
     sink = ClickHouseSink(sink_settings, flaky, make_codec(), metrics=metrics)
@@ -183,25 +184,6 @@ def test_processor_and_sink_metrics_match_the_real_counts(settings: Settings, tm
     assert value(stored, "emofleet_commit_seconds_count", mode="sync") >= 1
     assert (name := "emofleet_model_info") not in {n for n, _ in stored}, f"{name} is the processor's alone"
     assert sink.stats.inserted_events == produced and sink.stats.insert_failures == flaky.failed
-
-
-class FailingFirstInsert:
-    """The real client; inserts fail while ``failing`` is set (it starts set)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.failing = threading.Event()
-        self.failing.set()
-        self.failed = 0
-
-    def insert(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failing.is_set():
-            self.failed += 1
-            raise ConnectionError("injected: ClickHouse unreachable")
-        return self._client.insert(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
 
 
 def test_readiness_follows_the_broker_going_away_and_coming_back(settings: Settings, tmp_path: Path,

@@ -21,7 +21,7 @@ from emofleet.sinks.service import ClickHouseSink
 from emofleet.streams.config import Settings
 from emofleet.streams.dead_letters import Lineage
 
-from pipeline_helpers import create_topics
+from pipeline_helpers import FlakyClient, create_topics
 
 
 def make_events(count: int, *, start: int = 0) -> list[dict]:
@@ -61,24 +61,6 @@ def chdb(sink_settings: Settings) -> Iterator[object]:
     migrate(client, sink_settings.clickhouse.database)
     yield client
     client.close()
-
-
-class FlakyClient:
-    """The real client, with inserts failing while ``failing`` is set (ClickHouse unreachable)."""
-
-    def __init__(self, client: object) -> None:
-        self._client = client
-        self.failing = threading.Event()
-        self.failed = 0
-
-    def insert(self, *args: object, **kwargs: object) -> object:
-        if self.failing.is_set():
-            self.failed += 1
-            raise ConnectionError("injected: ClickHouse unreachable")
-        return self._client.insert(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._client, name)
 
 
 @contextmanager
