@@ -36,9 +36,9 @@ ratios within one table only (the header prints the load average).
 Columns: audio-seconds per second; speed-up over the per-clip baseline; accuracy against the fp32
 per-clip reference -- max |score difference| over clips and classes, and top-1 agreement -- on the
 timed clips plus ``--accuracy-clips`` untimed short clips (non-fp32 rows; 8 clips alone say little);
-peak memory = peak RSS during a forward minus RSS before it (``/proc/self/status`` VmHWM reset through
-``/proc/self/clear_refs``, glibc's free heap trimmed first), the max over the row's forwards: the
-activations and workspace, not the weights. Compute floor: model FLOPs of the clip set, counted
+peak memory = peak RSS during the row's largest forward, run once more untimed, minus RSS before it
+(``/proc/self/status`` VmHWM reset through ``/proc/self/clear_refs``, glibc's free heap trimmed
+first): the activations and workspace, not the weights. Compute floor: model FLOPs of the clip set, counted
 analytically from the module's shapes (conv feature extractor, positional convs, Linear layers per
 frame, attention 4 x N^2 x D per block; cross-checked against ``torch.utils.flop_counter.FlopCounterMode``
 on one clip) over this machine's matmul throughput measured after every round (``torch.matmul``
@@ -328,9 +328,11 @@ class Row:
         return f"{len(self.plan)} ({'/'.join(map(str, sizes))})" if len(sizes) <= 12 else f"{len(self.plan)}"
 
 
-def run_unit(row: Row, index: int, clips: Sequence[np.ndarray], device: str) -> tuple[float, float, int]:
+def run_unit(row: Row, index: int, clips: Sequence[np.ndarray], device: str,
+             measure_rss: bool = False) -> tuple[float, float, int]:
     """One forward of ``row`` (a planned batch, or one funasr generate): wall seconds, process CPU
-    seconds (all threads) and peak memory."""
+    seconds (all threads) and peak memory (GPU: always; CPU: only with ``measure_rss``, which trims
+    the heap first, so the forward pays page faults that a warm process would not)."""
     unit = row.plan[index]
     cuda = device.startswith("cuda")
     if cuda:
@@ -339,7 +341,7 @@ def run_unit(row: Row, index: int, clips: Sequence[np.ndarray], device: str) -> 
         base = torch.cuda.memory_allocated()
     if row.scores is None:
         row.scores = np.zeros((len(clips), 9), dtype=np.float32)
-    with PeakRss() if not cuda else contextlib.nullcontext() as peak:
+    with PeakRss() if measure_rss else contextlib.nullcontext() as peak:
         started, cpu_started = time.perf_counter(), time.process_time()
         if row.reference:
             row.scores[unit[0]] = row.model.predict_reference(clips[unit[0]]).scores
@@ -349,7 +351,8 @@ def run_unit(row: Row, index: int, clips: Sequence[np.ndarray], device: str) -> 
         if cuda:
             torch.cuda.synchronize()
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return elapsed, cpu, (torch.cuda.max_memory_allocated() - base) if cuda else peak.delta  # type: ignore[union-attr]
+    memory = torch.cuda.max_memory_allocated() - base if cuda else peak.delta if measure_rss else 0  # type: ignore[union-attr]
+    return elapsed, cpu, memory
 
 
 def run_rounds(rows: list[Row], clips: Sequence[np.ndarray], rounds: int, device: str,
@@ -381,12 +384,23 @@ def run_rounds(rows: list[Row], clips: Sequence[np.ndarray], rounds: int, device
             row.units.append(times[k])
             row.cpu_units.append(cpu_times[k])
             row.seconds.append(sum(times[k]))
-            row.memory.append(peaks[k])
+            if device.startswith("cuda"):
+                row.memory.append(peaks[k])
         log(f"round {r + 1}/{rounds} in {time.monotonic() - round_started:.0f} s: "
             + "; ".join(f"{row.name} {row.seconds[-1]:.2f} s" for row in rows))
         if rates_log is not None:
             rates_log.append(gemm_rates(device))
+    if not device.startswith("cuda"):
+        memory_pass(rows, clips, device)
 
+
+def memory_pass(rows: list[Row], clips: Sequence[np.ndarray], device: str) -> None:
+    """Peak RSS of each row's largest forward (most padded samples), run once more, untimed: the
+    heap is trimmed first so the forward's whole footprint counts. Not done in the timed rounds,
+    where re-faulting a trimmed heap would cost time that a warm processor does not pay."""
+    for row in rows:
+        largest = max(range(len(row.plan)), key=lambda u: len(row.plan[u]) * max(len(clips[i]) for i in row.plan[u]))
+        row.memory.append(run_unit(row, largest, clips, device, measure_rss=True)[2])
 
 def accuracy(row: Row, reference: Row) -> tuple[float, float, int, int]:
     """max |score diff|, top-1 agreement fraction, agreeing clips, clips compared (rows scored on
