@@ -365,7 +365,11 @@ def markdown(report: dict[str, Any]) -> str:
     opts = report["options"]
 
     def num(value: Any, unit: str = "") -> str:
-        return "-" if value is None else f"{value:,}{unit}" if isinstance(value, int) else f"{value:.3g}{unit}"
+        if value is None:
+            return "-"
+        if isinstance(value, int) or abs(value) >= 100:
+            return f"{value:,.0f}{unit}"
+        return f"{value:.3g}{unit}"
 
     lines = [
         f"# emofleet bench {report['run']}",
