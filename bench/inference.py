@@ -152,7 +152,8 @@ def make_clips(count: int, min_s: float, max_s: float, seed: int = 11) -> list[n
     """``count`` synthetic voiced clips, lengths log-uniform in [min_s, max_s] (many short, few long)."""
     rng = np.random.default_rng(seed)
     seconds = np.exp(rng.uniform(np.log(min_s), np.log(max_s), count))
-    seconds[0], seconds[-1] = min_s, max_s  # the extremes are always in the set
+    if count >= 2:
+        seconds[0], seconds[-1] = min_s, max_s  # the extremes are always in the set
     return [synth_clip(float(s), seed * 1_000 + i) for i, s in enumerate(seconds)]
 
 
@@ -453,14 +454,14 @@ def verdict(ok: bool) -> str:
 
 def build_rows(models: dict[str, Any], baseline_model: Any, lengths: list[int], batch_sizes: list[int],
                max_padded: int, max_padding: float, what_if: list[float], max_attention: int | None,
-               ) -> list[Row]:
+               what_if_audio: Sequence[float] = ()) -> list[Row]:
     kwargs = {"max_attention": max_attention} if max_attention else {}
 
     def singles(lengths: list[int]) -> list[list[int]]:
         return [[i] for i in sorted(range(len(lengths)), key=lengths.__getitem__)]
 
-    def planner(size: int, padding: float) -> Callable[[list[int]], list[list[int]]]:
-        return lambda lengths: plan_batches(lengths, max_clips=size, max_padded_samples=max_padded,
+    def planner(size: int, padding: float, padded: int = max_padded) -> Callable[[list[int]], list[list[int]]]:
+        return lambda lengths: plan_batches(lengths, max_clips=size, max_padded_samples=padded,
                                             max_padding=padding, **kwargs)
 
     rows = [Row(BASELINE, "fp32", baseline_model, [[i] for i in range(len(lengths))], reference=True)]
@@ -482,6 +483,10 @@ def build_rows(models: dict[str, Any], baseline_model: Any, lengths: list[int], 
                 replan = planner(size, padding)
                 rows.append(Row(f"what-if: fp32, planner <= {size} clips, pad {padding:.2f}", "fp32",
                                 model, replan(lengths), replan=replan))
+            for seconds in what_if_audio:
+                replan = planner(size, max_padding, int(seconds * SAMPLE_RATE))
+                rows.append(Row(f"what-if: fp32, planner <= {size} clips, pad {max_padding:.2f}, "
+                                f"<= {seconds:g} s padded", "fp32", model, replan(lengths), replan=replan))
     return rows
 
 
@@ -539,7 +544,7 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     max_padded = int(max_audio * SAMPLE_RATE)
     max_attention = int(args.max_attention_s2 * SAMPLE_RATE**2) if args.max_attention_s2 else None
     rows = build_rows(models, baseline_model, lengths, args.batch_sizes, max_padded, args.max_padding,
-                      args.what_if_padding, max_attention)
+                      args.what_if_padding, max_attention, args.what_if_max_audio)
     rates_log: list[dict[str, float]] = []
     started = time.monotonic()
     run_rounds(rows, clips, rounds, "cpu", rates_log)
@@ -720,6 +725,8 @@ def main() -> None:
     parser.add_argument("--max-padding", type=float, default=0.15, help="planner padding cap (processor default 0.15)")
     parser.add_argument("--what-if-padding", type=float, nargs="*", default=[],
                         help="extra fp32 rows with these padding caps")
+    parser.add_argument("--what-if-max-audio", type=float, nargs="*", default=[],
+                        help="extra fp32 rows with the planner's padded audio per batch capped at these seconds")
     parser.add_argument("--max-attention-s2", type=float, default=0.0,
                         help="planner attention cap, count x longest^2 in seconds^2 (0: none)")
     parser.add_argument("--no-attention-probe", action="store_true")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,6 +228,16 @@ class SubprocessMember:
     def assigned(self) -> bool:
         return "assigned ['" in self.log_path.read_text(errors="replace")
 
+    def assignment(self) -> set[str]:
+        """Partitions it holds now, from its log ("assigned" lines list them all, "revoked" the ones lost)."""
+        current: set[str] = set()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if "emofleet.streams.consumer assigned [" in line:
+                current = set(re.findall(r"'([^']+)'", line.split(" assigned ", 1)[1]))
+            elif "emofleet.streams.consumer revoked [" in line:
+                current -= set(re.findall(r"'([^']+)'", line.split(" revoked ", 1)[1]))
+        return current
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
@@ -261,6 +272,9 @@ class ThreadMember:
 
     def assigned(self) -> bool:
         return bool(self.processor.loop.assigned)
+
+    def assignment(self) -> set[str]:
+        return {f"{topic}[{partition}]" for topic, partition in list(self.processor.loop.assigned)}
 
     def stop(self) -> None:
         self.processor.loop.stop()
