@@ -1,25 +1,30 @@
-"""One padded forward of funasr's ``Emotion2vec`` for clips of mixed lengths, exact per clip.
+"""One forward of funasr's ``Emotion2vec`` for clips of mixed lengths, exact per clip.
 
 funasr's own inference loops one waveform at a time. A naive padded forward drifts for mixed lengths
-(cosine ~0.998) because padding leaks into valid frames. This module walks the funasr module's
-submodules (nothing in funasr is patched) and closes every leak:
+(cosine ~0.998) because padding leaks into valid frames, and it pays for every padded frame in every
+Linear layer. This module walks the funasr module's submodules (nothing in funasr is patched):
 
 1. ``layer_norm`` of each waveform over its own samples, before padding (as ``inference`` does).
-2. Conv feature extractor: in ``layer_norm`` mode every op is per frame, and a valid output frame's
-   receptive field lies inside the clip, so valid frames are exact. (``default`` mode group-normalises
-   over time, which would leak, so it is run per clip.)
+2. Conv feature extractor: per clip on CPU (no padded work; a batch buys nothing there). On GPUs, in
+   ``layer_norm`` mode, as one padded call: every op is per frame and a valid output frame's receptive
+   field lies inside the clip, so valid frames are exact. (``default`` mode group-normalises over time,
+   which would leak, so it always runs per clip.)
 3. Relative positional encoder (depth x [grouped Conv1d k=19 -> LayerNorm -> GELU]): padded frames
    become non-zero after each layer, so the valid-frame mask is multiplied into the input of EVERY
    conv, which then sees exactly the zeros that its own ``padding=k//2`` gives a lone clip.
-4. Attention: padded keys are masked with ``padding_mask`` (extra tokens are always valid).
-   ALiBi is computed for this call only (1 x H x T x T, broadcast over the batch) instead of through
-   funasr's cache, which keeps a batch x H x T x T buffer alive after every call.
+4. Transformer blocks run on the valid tokens only, packed into one sequence (the clips' tokens end to
+   end): LayerNorm, Linear and MLP are per token, so ~80% of the FLOPs see no padding at all.
+   Attention is the one op that mixes tokens; it runs per clip on CPU (attention memory of one clip,
+   not of the batch) and padded with the padding keys masked on GPUs (one batched call).
+   ALiBi is computed for this call only (1 x H x T x T, cropped per clip) instead of through funasr's
+   cache, which keeps a batch x H x T x T buffer alive after every call.
 5. Pooling and per-frame outputs use only each clip's valid frames (conv length formula).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,13 +48,38 @@ def min_samples(layers: Sequence[tuple[int, int, int]]) -> int:
     return length
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where each clip's tokens sit: ``valid`` (B x N) marks real tokens of the padded layout; the
+    packed sequence holds them row by row, clip ``i`` at ``spans[i] = (start, length)``."""
+
+    valid: torch.Tensor
+    spans: list[tuple[int, int]]
+    padded_attention: bool
+
+    @classmethod
+    def of(cls, valid: torch.Tensor, *, padded_attention: bool) -> Packing:
+        lengths = valid.sum(1).tolist()
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        return cls(valid, list(zip(starts, lengths, strict=True)), padded_attention)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed (S x D) -> padded (B x N x D), zeros where ``valid`` is False."""
+        dense = packed.new_zeros(*self.valid.shape, packed.shape[-1])
+        dense[self.valid] = packed
+        return dense
+
+
 @torch.inference_mode()
-def batched_features(model: Any, clips: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+def batched_features(
+    model: Any, clips: Sequence[torch.Tensor], *, padded: bool | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """Frame features (B x T x D, extra tokens removed) and the valid frame count of each clip.
 
     ``model`` is funasr's ``Emotion2vec`` (untyped, hence ``Any``) in eval mode; ``clips`` are 1-D
     float tensors on its device, each long enough for one frame. Frames past a clip's count are
-    padding: ignore them.
+    zeros: ignore them. ``padded`` runs the extractor and attention as one padded call each (the GPU
+    layout; default: on unless the clips are on the CPU); results are the same either way.
     """
     encoder = model.modality_encoders["AUDIO"]
     cfg = encoder.modality_cfg
@@ -60,7 +90,9 @@ def batched_features(model: Any, clips: Sequence[torch.Tensor]) -> tuple[torch.T
 
     if model.cfg.get("normalize", False):
         clips = [F.layer_norm(clip, clip.shape) for clip in clips]
-    if cfg.extractor_mode == "layer_norm":
+    if padded is None:
+        padded = clips[0].device.type != "cpu"
+    if padded and cfg.extractor_mode == "layer_norm":
         x = encoder.local_features(nn.utils.rnn.pad_sequence(list(clips), batch_first=True))
     else:
         x = nn.utils.rnn.pad_sequence(
@@ -70,7 +102,6 @@ def batched_features(model: Any, clips: Sequence[torch.Tensor]) -> tuple[torch.T
     assert frames == max(counts), (frames, counts)
     lengths = torch.tensor(counts, device=x.device)
     valid = torch.arange(frames, device=x.device)[None, :] < lengths[:, None]  # B x T
-    padding_mask = ~valid if not bool(valid.all()) else None
 
     if encoder.relative_positional_encoder is not None:
         x = x + _masked_positional(encoder.relative_positional_encoder, x, valid[:, None, :].to(x.dtype))
@@ -80,29 +111,24 @@ def batched_features(model: Any, clips: Sequence[torch.Tensor]) -> tuple[torch.T
     if encoder.extra_tokens is not None:
         num_extra = encoder.extra_tokens.size(1)
         x = torch.cat([encoder.extra_tokens.expand(batch, -1, -1).to(x.dtype), x], dim=1)
-        if padding_mask is not None:
-            padding_mask = F.pad(padding_mask, (num_extra, 0))
+        valid = F.pad(valid, (num_extra, 0), value=True)
         if alibi_bias is not None:
             alibi_bias = F.pad(alibi_bias, (num_extra, 0, num_extra, 0))
 
+    packing = Packing.of(valid, padded_attention=padded)
+    tokens = x[valid]
     prenet_depth = cfg.prenet_depth
-    x = encoder.context_encoder(
-        x,
-        padding_mask,
-        alibi_bias,
+    tokens = _run_context_encoder(
+        encoder.context_encoder, tokens, packing, alibi_bias,
         alibi_scale[:prenet_depth] if alibi_scale is not None else None,
     )
     if alibi_scale is not None and alibi_scale.size(0) > 1:
         alibi_scale = alibi_scale[prenet_depth:]
     for i, block in enumerate(model.blocks):
-        bias = alibi_bias
-        if bias is not None and alibi_scale is not None:
-            scale = alibi_scale[i] if alibi_scale.size(0) > 1 else alibi_scale.squeeze(0)
-            bias = bias * scale.type_as(bias)
-        x, _ = block(x, padding_mask=padding_mask, alibi_bias=bias)
+        tokens = _run_block(block, tokens, packing, _scaled_bias(alibi_bias, alibi_scale, i))
     if model.norm is not None:
-        x = model.norm(x)
-    return x[:, num_extra:], counts
+        tokens = model.norm(tokens)
+    return packing.unpack(tokens)[:, num_extra:], counts
 
 
 def _masked_positional(module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -140,3 +166,73 @@ def _alibi(
             bias = bias * scale.squeeze(0).type_as(bias)
             scale = None
     return bias, scale
+
+
+def _scaled_bias(bias: torch.Tensor | None, scale: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    if bias is None or scale is None:
+        return bias
+    layer_scale = scale[index] if scale.size(0) > 1 else scale.squeeze(0)
+    return bias * layer_scale.type_as(bias)
+
+
+def _run_context_encoder(
+    context: Any, tokens: torch.Tensor, packing: Packing,
+    bias: torch.Tensor | None, scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """funasr's ``BlockEncoder.forward`` in eval mode, on packed tokens."""
+    if context.norm is not None and not context.layer_norm_first:
+        tokens = context.norm(tokens)
+    for i, block in enumerate(context.blocks):
+        tokens = _run_block(block, tokens, packing, _scaled_bias(bias, scale, i))
+    if context.norm is not None and context.layer_norm_first:
+        tokens = context.norm(tokens)
+    return tokens
+
+
+def _run_block(block: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor | None) -> torch.Tensor:
+    """funasr's ``AltBlock.forward`` in eval mode (dropouts and drop-path are identities), on packed
+    tokens; mirrors both residual layouts as written upstream."""
+    if block.layer_norm_first:
+        x = x + _attention(block.attn, block.norm1(x), packing, bias)
+        mlp_out = block.mlp(block.norm2(x))
+        return mlp_out + mlp_out
+    x = block.norm1(x + _attention(block.attn, x, packing, bias))
+    return block.norm2(x + block.mlp(x))
+
+
+def _attention(attn: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor | None) -> torch.Tensor:
+    """funasr's ``AltAttention.forward`` on packed tokens: per clip, or padded with padding keys masked."""
+    heads = attn.num_heads
+    width = x.shape[-1]
+    qkv = attn.qkv(x)
+    if not packing.padded_attention:
+        context = qkv.new_empty(x.shape[0], width)
+        for start, length in packing.spans:
+            q, k, v = qkv[start:start + length].view(length, 3, heads, width // heads).permute(1, 2, 0, 3)
+            clip_bias = bias[0, :, :length, :length] if bias is not None else None
+            probs = _attention_probs(attn, q, k, clip_bias, None)
+            context[start:start + length] = (probs @ v).transpose(0, 1).reshape(length, width)
+    else:
+        batch, tokens = packing.valid.shape
+        dense = packing.unpack(qkv).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = dense[0], dense[1], dense[2]
+        padding = ~packing.valid[:, None, None, :] if not bool(packing.valid.all()) else None
+        probs = _attention_probs(attn, q, k, bias, padding)
+        context = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)[packing.valid]
+    return attn.proj(context)
+
+
+def _attention_probs(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, padding: torch.Tensor | None,
+) -> torch.Tensor:
+    """Softmaxed attention scores exactly as ``AltAttention`` computes them (heads on dim -3).
+    funasr's ``Emotion2vec`` never enables cosine attention, so that branch is not mirrored."""
+    if attn.cosine_attention:
+        raise ValueError("cosine attention is not supported by the batched forward")
+    dtype = q.dtype
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores.type_as(bias) + bias
+    if padding is not None:
+        scores = scores.masked_fill(padding, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(dtype=dtype)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from emofleet.processors.batched import batched_features
 from emofleet.processors.model import (
     EMOTIONS,
     EmotionModel,
@@ -147,6 +148,27 @@ def test_config_variants_equal_reference(tmp_path: Path) -> None:
     model = load_model(ModelSettings(model=str(build_random_model(tmp_path / "variant", config))))
     assert root.handlers == handlers  # funasr's import-time logging setup was undone
     _assert_matches_reference(model, _clips([0.03, 0.5, 3.3, 7.7], seed=6))
+
+
+def test_pre_layer_norm_blocks_equal_reference(tmp_path: Path) -> None:
+    # layer_norm_first blocks have their own residual layout (and a final norm instead of the
+    # context encoder's); the packed block forward mirrors it.
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model_conf"]["layer_norm_first"] = True
+    model = load_model(ModelSettings(model=str(build_random_model(tmp_path / "prenorm", config))))
+    _assert_matches_reference(model, _clips([0.2, 1.9, 4.4, 0.9], seed=8))
+
+
+def test_padded_layout_equals_packed(tiny: EmotionModel) -> None:
+    """The GPU layout (one padded extractor call, padded masked attention) gives the CPU layout's
+    features on every valid frame, so whichever device runs, the results are the same."""
+    clips = [torch.from_numpy(c) for c in _clips([0.4, 6.1, 2.7, 0.03, 11.0], seed=9)]
+    packed, counts = batched_features(tiny._module, clips, padded=False)
+    padded, padded_counts = batched_features(tiny._module, clips, padded=True)
+    assert counts == padded_counts and packed.shape == padded.shape
+    for i, count in enumerate(counts):
+        assert torch.allclose(packed[i, :count], padded[i, :count], atol=1e-5, rtol=0)
+        assert not packed[i, count:].any() and not padded[i, count:].any()
 
 
 @pytest.mark.slow
