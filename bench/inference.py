@@ -22,10 +22,10 @@ Rows (CPU):
   that come out identical for two B are run once (the row is named ``<= 4/8 clips``).
 * ``what-if`` rows: fp32 with looser padding caps (``--what-if-padding``).
 
-Precisions: fp32; bf16 = ``torch.autocast`` bf16 on CPU; int8 = dynamic quantization of every Linear
-(CPU). Each is its own ``load_model(precision=...)``. ``bf16-precast`` (bench-only what-if): bf16 with the
-Linear/Conv weights cast to bf16 once at load -- autocast casts exactly those on every forward, so the
-results are identical and only the per-call cast of ~300M parameters is gone.
+Precisions: fp32; bf16 = Linear/Conv weights cast to bf16 at load + ``torch.autocast`` bf16 on CPU;
+int8 = dynamic quantization of every Linear (CPU). Each is its own ``load_model(precision=...)``. bf16
+runs by default only where the CPU has AVX512-BF16 or AMX (elsewhere torch emulates it, several times
+slower than fp32); ``--precisions fp32,bf16,int8`` runs it anyway.
 
 Timing: rounds interleave the rows forward by forward (all rows' forwards sorted by the longest clip
 they hold, rows taking turns, the first rotating each round, odd rounds long to short), so every row
@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from emofleet.processors.batching import plan_batches
+from emofleet.processors.model import native_cpu_bf16
 from emofleet.samples import synth_clip
 from emofleet.streams.config import ModelSettings
 
@@ -98,7 +99,6 @@ GPU_TARGET_VS_PER_CLIP = 10.0
 ACCURACY_MIN_TOP1 = 0.95
 ACCURACY_MAX_ABS_DIFF = 0.05
 
-PRODUCT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # bf16-precast is a bench-only what-if
 ACCURACY_CLIPS = {"tiny": (48, 12.0), "large-shape": (16, 4.0)}  # extra untimed clips: count, max s
 MODEL_DEFAULTS = {  # clips, min s, max s, rounds, max padded audio seconds per batch
     "tiny": (40, 0.5, 12.0, 5, 240.0),
@@ -177,28 +177,14 @@ def model_directory(kind: str) -> Path:
 
 
 def load(directory: Path, precision: str, device: str, threads: int) -> tuple[Any, float, int]:
-    """(EmotionModel, load seconds, RSS growth in bytes) through the production loader.
-
-    ``bf16-precast`` (bench-only what-if) is the bf16 model with every Linear/Conv weight and bias
-    cast to bf16 once: autocast would cast exactly these to bf16 on every forward, so the results
-    are the same and only the per-call cast (~300M parameters for the large shape) is gone.
-    """
+    """(EmotionModel, load seconds, RSS growth in bytes) through the production loader."""
     from emofleet.processors.model import load_model
 
     before, started = rss_bytes(), time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(ModelSettings(model=str(directory), device=device, threads=threads,
-                                         precision="bf16" if precision == "bf16-precast" else precision))
-    if precision == "bf16-precast":
-        with torch.no_grad():
-            for module in model._module.modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-                    for name in ("weight", "bias"):
-                        param = getattr(module, name)
-                        if param is not None:
-                            setattr(module, name, torch.nn.Parameter(param.to(torch.bfloat16),
-                                                                     requires_grad=False))
+                                         precision=precision))
     return model, time.monotonic() - started, rss_bytes() - before
 
 
@@ -242,10 +228,13 @@ def measured_flops(model: Any, clip: np.ndarray) -> float:
 
 
 def gemm_rates(device: str, seconds: float = 0.6) -> dict[str, float]:
-    """Matmul FLOP/s on ``device`` with the current thread count: fp32, bf16 (and fp16 / int8)."""
+    """Matmul FLOP/s on ``device`` with the current thread count: fp32, bf16 where native (emulated
+    bf16 takes tens of seconds per matmul on CPU), fp16 on GPU, int8 on CPU."""
     m, k, n = (1024, 1024, 4096) if device == "cpu" else (8192, 8192, 8192)
     rates: dict[str, float] = {}
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32}
+    if device != "cpu" or native_cpu_bf16():
+        dtypes["bf16"] = torch.bfloat16
     if device != "cpu":
         dtypes["fp16"] = torch.float16
     for name, dtype in dtypes.items():
@@ -282,7 +271,7 @@ def floor_seconds(flops: dict[str, float], precision: str, rates: dict[str, floa
     total = sum(flops.values())
     if precision == "int8":
         return flops["linear"] / rates["int8"] + (total - flops["linear"]) / rates["fp32"]
-    return total / rates[precision.partition("-")[0]]
+    return total / rates[precision] if precision in rates else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -429,8 +418,7 @@ def result_table(rows: list[Row], baseline: Row, total_audio: float, flops: dict
         best_ratio = baseline.best / row.best
         stats[row.name] = {"rate": rate, "ratio": rate / base_rate, "cpu_ratio": cpu_ratio,
                            "best_ratio": best_ratio, "diff": diff,
-                           "agree": agree, "floor": floor / row.estimate,
-                           "product": row.precision in PRODUCT_PRECISIONS}
+                           "agree": agree, "floor": floor / row.estimate}
         table.append([
             row.name, row.batches, rate, f"{rate / base_rate:.2f}x", f"{best_ratio:.2f}x", f"{cpu_ratio:.2f}x",
             "0 (reference)" if row is baseline else f"{diff:.2g}",
@@ -568,7 +556,7 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
         }, indent=1))
     total_flops = sum(flops.values())
     print(f"\n### CPU, {args.model}, {args.threads} threads ({len(clips)} clips, {total_audio:.1f} s of "
-          f"audio, {min_s:g}-{max_s:g} s log-uniform, {rounds} rounds; {machine_line()})\n")
+          f"audio, {min_s:g}-{max_s:g} s log-uniform, {rounds} rounds; {machine_line()}; {cpu_features()})\n")
     print(table)
     if accuracy_clips:
         print(f"\nAccuracy columns of non-fp32 rows also cover {len(accuracy_clips)} untimed clips "
@@ -584,6 +572,11 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
           + ". Floor per mode (whole clip set): "
           + ", ".join(f"{p} {floor_seconds(flops, p, rates):.2f} s" for p in models) + ".")
     return {"stats": stats, "rows": rows, "model": args.model, "clips": clips, "models": models}
+
+
+def cpu_features() -> str:
+    bf16 = "native bf16 (AVX512-BF16/AMX)" if native_cpu_bf16() else "no native bf16: bf16 is emulated"
+    return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def attention_probe(model: Any, seconds_list: Sequence[tuple[int, float]]) -> str:
@@ -687,7 +680,7 @@ def cpu_targets(stats: dict[str, dict[str, float]]) -> None:
               f"per-clip: {stat['ratio']:.2f}x median, {stat['best_ratio']:.2f}x best rounds, {stat['cpu_ratio']:.2f}x CPU time ({name}): "
               f"{verdict(stat['ratio'] >= CPU_TARGET_BATCHED_VS_PER_CLIP)}")
     candidates = {k: v for k, v in stats.items()
-                  if k != BASELINE and not k.startswith("what-if") and v["product"] and validated(v)}
+                  if k != BASELINE and not k.startswith("what-if") and validated(v)}
     rejected = [k for k, v in stats.items() if k != BASELINE and not validated(v)]
     if candidates:
         name, stat = max(candidates.items(), key=lambda kv: kv[1]["ratio"])
@@ -697,7 +690,7 @@ def cpu_targets(stats: dict[str, dict[str, float]]) -> None:
               f"{verdict(stat['ratio'] >= CPU_TARGET_BEST_VS_PER_CLIP)}")
     if rejected:
         print(f"Not validated (accuracy): {'; '.join(rejected)}")
-    modes = {k: v for k, v in stats.items() if k != BASELINE and not k.startswith("what-if") and v["product"]}
+    modes = {k: v for k, v in stats.items() if k != BASELINE and not k.startswith("what-if")}
     if modes:
         name, stat = max(modes.items(), key=lambda kv: kv[1]["ratio"])
         print(f"Fastest mode, validated or not: {name}: {stat['ratio']:.2f}x wall, {stat['cpu_ratio']:.2f}x "
@@ -720,7 +713,8 @@ def main() -> None:
                         help="extra untimed clips for the accuracy columns of non-fp32 rows (default per model)")
     parser.add_argument("--seed", type=int, default=11, help="clip set (lengths and signals)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precisions", type=csv_str, default=["fp32", "bf16", "int8"])
+    parser.add_argument("--precisions", type=csv_str, default=None,
+                        help="default fp32,bf16,int8 (bf16 only where the CPU has native bf16)")
     parser.add_argument("--batch-sizes", type=csv_int, default=[1, 4, 8])
     parser.add_argument("--max-padding", type=float, default=0.15, help="planner padding cap (processor default 0.15)")
     parser.add_argument("--what-if-padding", type=float, nargs="*", default=[],
@@ -744,6 +738,8 @@ def main() -> None:
     parser.add_argument("--gpu-device", default="cuda:0",
                         help="device of the GPU section; 'cpu' runs it as a dry run (testing the script)")
     args = parser.parse_args()
+    if args.precisions is None:
+        args.precisions = ["fp32", "bf16", "int8"] if native_cpu_bf16() else ["fp32", "int8"]
 
     if args.probe_only:
         torch.set_num_threads(args.threads)

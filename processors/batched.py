@@ -14,8 +14,8 @@ Linear layer. This module walks the funasr module's submodules (nothing in funas
    conv, which then sees exactly the zeros that its own ``padding=k//2`` gives a lone clip.
 4. Transformer blocks run on the valid tokens only, packed into one sequence (the clips' tokens end to
    end): LayerNorm, Linear and MLP are per token, so ~80% of the FLOPs see no padding at all.
-   Attention is the one op that mixes tokens; it runs per clip on CPU (attention memory of one clip,
-   not of the batch) and padded with the padding keys masked on GPUs (one batched call).
+   Attention is the one op that mixes tokens; it runs per clip in fp32 on CPU (attention memory of
+   one clip, not of the batch) and padded with the padding keys masked on GPUs (one batched call).
    ALiBi is computed for this call only (1 x H x T x T, cropped per clip) instead of through funasr's
    cache, which keeps a batch x H x T x T buffer alive after every call.
 5. Pooling and per-frame outputs use only each clip's valid frames (conv length formula).
@@ -210,8 +210,8 @@ def _attention(attn: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor 
         for start, length in packing.spans:
             q, k, v = qkv[start:start + length].view(length, 3, heads, width // heads).permute(1, 2, 0, 3)
             clip_bias = bias[0, :, :length, :length] if bias is not None else None
-            probs = _attention_probs(attn, q, k, clip_bias, None)
-            context[start:start + length] = (probs @ v).transpose(0, 1).reshape(length, width)
+            clip_context = _clip_attention(attn, q, k, v, clip_bias)
+            context[start:start + length] = clip_context.transpose(0, 1).reshape(length, width)
     else:
         batch, tokens = packing.valid.shape
         dense = packing.unpack(qkv).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
@@ -220,6 +220,23 @@ def _attention(attn: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor 
         probs = _attention_probs(attn, q, k, bias, padding)
         context = (probs @ v).transpose(1, 2).reshape(batch, tokens, width)[packing.valid]
     return attn.proj(context)
+
+
+def _clip_attention(
+    attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One clip's attention (heads x tokens x head_dim), always in fp32: the scale and the ALiBi add
+    ride in one ``baddbmm`` (~1.5x faster on CPU than separate passes over the H x N x N scores, same
+    values), and under bf16 the scores, bias and softmax keep fp32 precision for ~6% of the FLOPs."""
+    if attn.cosine_attention:
+        raise ValueError("cosine attention is not supported by the batched forward")
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        if bias is None:
+            scores = torch.bmm(q * attn.scale, k.transpose(-2, -1))
+        else:
+            scores = torch.baddbmm(bias, q, k.transpose(-2, -1), alpha=attn.scale)
+        return torch.bmm(scores.softmax(dim=-1), v)
 
 
 def _attention_probs(

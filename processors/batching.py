@@ -1,10 +1,10 @@
 """Model batches from clips of mixed length: pure planning, no tensors.
 
-A padded batch costs its longest clip times its size (and attention grows with the square of the
-length), so clips are sorted by length and a batch is cut when it would exceed the clip count, the
-padded size, or waste more than ``max_padding`` of its samples on padding. On a GPU that keeps
-batches dense; on a CPU, where batching mixed lengths buys little, tight buckets keep it from
-costing more than one clip at a time.
+On a GPU a batch's feature extractor and attention run padded, so they cost its longest clip times
+its size (attention with the square of the length); its Linear layers see only real tokens
+(``processors/batched.py`` packs them). So clips are sorted by length and a batch is cut when it would
+exceed the clip count, the padded size, or waste more than ``max_padding`` of its samples on padding.
+On a CPU nothing runs padded but the small positional convs, so the caps there bound memory.
 
 ``max_attention`` (optional) bounds ``count x longest^2`` in samples^2 (at 16 kHz one second^2 is
 256e6 samples^2). emotion2vec's attention materialises count x heads x N x N fp32 scores per block

@@ -120,7 +120,7 @@ class EmotionModel:
         granularity: str = "utterance",
         embeddings: bool = False,
     ) -> list[Prediction]:
-        """Score ``clips`` (float32 mono 16 kHz) in ONE padded forward; per clip equal to generate()."""
+        """Score ``clips`` (float32 mono 16 kHz) in ONE batched forward; per clip equal to generate()."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
         if not clips:
@@ -154,13 +154,13 @@ class EmotionModel:
         """funasr ``AutoModel.generate()`` on one clip: the unbatched reference, for tests/benchmarks.
 
         generate() resets torch's thread count to its ``ncpu`` on every call; the count is restored
-        afterwards. It also grows funasr's ALiBi cache, which is cleared. Runs in fp32 (int8 if the
-        model was quantized), never under autocast.
+        afterwards. It also grows funasr's ALiBi cache, which is cleared. Runs at the model's
+        precision: fp32, int8 if quantized, under autocast for bf16/fp16 (weights cast at load).
         """
         tensor = self._tensor(clip, 0).cpu().numpy()
         threads = torch.get_num_threads()
         try:
-            with _ieee_fp32_convs(self._strict_fp32):
+            with self._numerics():
                 (out,) = self._auto.generate(
                     tensor, granularity="utterance", extract_embedding=True, disable_pbar=True
                 )
@@ -242,6 +242,8 @@ def load_model(settings: ModelSettings, *, cache_dir: Path | None = None) -> Emo
     auto_model.model.eval()
     if precision == "int8":
         _quantize_int8(auto_model.model)
+    if precision in ("bf16", "fp16"):
+        _cast_matmul_weights(auto_model.model, torch.bfloat16 if precision == "bf16" else torch.float16)
     model = EmotionModel(
         auto_model,
         model_id=model_id,
@@ -284,7 +286,16 @@ def _check_precision(precision: str, device: str) -> str:
         raise ModelLoadError("precision=fp16 needs a CUDA device: use bf16 or int8 on CPU")
     if precision == "int8" and on_cuda:
         raise ModelLoadError("precision=int8 (dynamic quantization) is CPU-only: use bf16/fp16 on CUDA")
+    if precision == "bf16" and not on_cuda and not native_cpu_bf16():
+        log.warning("precision=bf16 on a CPU without AVX512-BF16 or AMX: torch emulates it, several "
+                    "times slower than fp32 (bench/README.md); use fp32 here")
     return precision
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _resolve_directory(settings: ModelSettings, cache_dir: Path | None) -> Path:
@@ -497,9 +508,22 @@ def _load_weights_strict(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True, assign=assign)
 
 
+def _cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every Linear/Conv weight and bias to ``dtype`` once. Autocast casts exactly these to
+    ``dtype`` on every call (~300M parameters per forward for the large model), so the scores are
+    the same and the per-call cast is gone; norms stay fp32, as autocast runs them."""
+    with torch.no_grad():
+        for child in module.modules():
+            if isinstance(child, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+                for name in ("weight", "bias"):
+                    param = getattr(child, name)
+                    if param is not None:
+                        setattr(child, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
+
+
 def _quantize_int8(module: torch.nn.Module) -> None:
-    """Dynamic int8 of every Linear, in place (CPU). Activation scales are computed per call over the
-    whole padded batch, so int8 results are NOT batch-invariant; accuracy vs fp32 is the caller's to
+    """Dynamic int8 of every Linear, in place (CPU). Activation scales are computed per call over all
+    the batch's tokens, so int8 results are NOT batch-invariant; accuracy vs fp32 is the caller's to
     check. torch marks this API deprecated; its warnings are silenced here."""
     try:
         from torch.ao.quantization import quantize_dynamic

@@ -315,6 +315,19 @@ def test_cpu_precisions(cache_dir: Path) -> None:
         for a, b in zip(model.predict(clips), fp32, strict=True):
             assert abs(float(a.scores.sum()) - 1) < 1e-4
             assert np.abs(a.scores - b.scores).max() < 0.2  # loose: a 30x-scaled random head
+        assert np.abs(model.predict_reference(clips[0]).scores - fp32[0].scores).max() < 0.2
+
+
+def test_bf16_weights_cast_once_at_load(cache_dir: Path) -> None:
+    model = load_model(ModelSettings(model="tiny", precision="bf16"), cache_dir=cache_dir)
+    modules = list(model._module.modules())
+    matmuls = [m for m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    norms = [m for m in modules if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+    assert matmuls and all(m.weight.dtype == torch.bfloat16 for m in matmuls)
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    clips = _clips([0.7, 3.0], seed=12)
+    for batched, alone in zip(model.predict(clips), [model.predict([c])[0] for c in clips], strict=True):
+        assert np.abs(batched.scores - alone.scores).max() < 0.02
 
 
 def test_fp32_conv_pin_is_scoped() -> None:
