@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from emofleet.processors.batched import batched_features, frame_count, min_samples
+from emofleet.processors.batched import batched_features, frame_count, in_fp32_submodule, min_samples
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.streams.config import ModelSettings
 
@@ -130,13 +130,14 @@ class EmotionModel:
             feats, counts = batched_features(self._module, tensors)
             valid = (torch.arange(feats.shape[1], device=feats.device)[None, :]
                      < torch.tensor(counts, device=feats.device)[:, None]).float()
-            # Mean over each clip's valid frames only, accumulated in fp32 (also under autocast).
+        # Mean over each clip's valid frames only and the head, in fp32 (also in bf16/fp16 mode).
+        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, enabled=False):
             pooled = (feats.float() * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
-            scores = self._module.proj(pooled).float().softmax(-1).cpu().numpy()
+            scores = self._module.proj(pooled).softmax(-1).cpu().numpy()
             frame_scores = None
             if granularity == "frame":
-                frame_scores = self._module.proj(feats).float().softmax(-1).cpu().numpy()
-            pooled_np = pooled.float().cpu().numpy() if embeddings else None
+                frame_scores = self._module.proj(feats.float()).softmax(-1).cpu().numpy()
+            pooled_np = pooled.cpu().numpy() if embeddings else None
         results = []
         for i, row in enumerate(scores):
             best = int(row.argmax())
@@ -509,11 +510,14 @@ def _load_weights_strict(module: torch.nn.Module, path: Path) -> None:
 
 
 def _cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast every Linear/Conv weight and bias to ``dtype`` once. Autocast casts exactly these to
-    ``dtype`` on every call (~300M parameters per forward for the large model), so the scores are
-    the same and the per-call cast is gone; norms stay fp32, as autocast runs them."""
+    """Cast every Linear/Conv weight and bias to ``dtype`` once, but those of ``FP32_SUBMODULES``.
+    Autocast casts exactly these to ``dtype`` on every call (~300M parameters per forward for the
+    large model), so the scores are the same and the per-call cast is gone; norms stay fp32, as
+    autocast runs them."""
     with torch.no_grad():
-        for child in module.modules():
+        for name, child in module.named_modules():
+            if in_fp32_submodule(name):
+                continue
             if isinstance(child, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
                 for name in ("weight", "bias"):
                     param = getattr(child, name)
@@ -522,18 +526,21 @@ def _cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _quantize_int8(module: torch.nn.Module) -> None:
-    """Dynamic int8 of every Linear, in place (CPU). Activation scales are computed per call over all
-    the batch's tokens, so int8 results are NOT batch-invariant; accuracy vs fp32 is the caller's to
-    check. torch marks this API deprecated; its warnings are silenced here."""
+    """Dynamic int8 of every Linear but the head (``FP32_SUBMODULES``), in place (CPU). Activation
+    scales are computed per call over all the batch's tokens, so int8 results are NOT
+    batch-invariant; accuracy vs fp32 is the caller's to check. torch marks this API deprecated; its
+    warnings are silenced here."""
     try:
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
     except ImportError as exc:
         raise ModelLoadError(f"precision=int8 needs torch.ao.quantization ({_one_line(exc)}): "
                              "use fp32 or bf16") from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        linears = {name: default_dynamic_qconfig for name, child in module.named_modules()
+                   if isinstance(child, torch.nn.Linear) and not in_fp32_submodule(name)}
+        quantize_dynamic(module, linears, dtype=torch.qint8, inplace=True)
 
 
 def _fingerprint(directory: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from emofleet.processors.batched import batched_features
+from emofleet.processors.batched import batched_features, in_fp32_submodule
 from emofleet.processors.model import (
     EMOTIONS,
     EmotionModel,
@@ -320,10 +320,12 @@ def test_cpu_precisions(cache_dir: Path) -> None:
 
 def test_bf16_weights_cast_once_at_load(cache_dir: Path) -> None:
     model = load_model(ModelSettings(model="tiny", precision="bf16"), cache_dir=cache_dir)
-    modules = list(model._module.modules())
-    matmuls = [m for m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
-    norms = [m for m in modules if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
-    assert matmuls and all(m.weight.dtype == torch.bfloat16 for m in matmuls)
+    named = list(model._module.named_modules())
+    matmuls = {name: m for name, m in named if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))}
+    kept = {name for name in matmuls if in_fp32_submodule(name)}
+    assert "proj" in kept and any("relative_positional_encoder" in name for name in kept)
+    assert all(m.weight.dtype == (torch.float32 if name in kept else torch.bfloat16) for name, m in matmuls.items())
+    norms = [m for _, m in named if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)
     clips = _clips([0.7, 3.0], seed=12)
     for batched, alone in zip(model.predict(clips), [model.predict([c])[0] for c in clips], strict=True):
