@@ -91,7 +91,7 @@ def load_bench_model(kind: str, cache_root: Path):  # type: ignore[no-untyped-de
 
 
 def count_forwards(model) -> list[int]:  # type: ignore[no-untyped-def]
-    """Count model.predict calls (padded forwards) on this instance; returns the mutable counter."""
+    """Count model.predict calls (batched forwards) on this instance; returns the mutable counter."""
     counter = [0]
     predict = model.predict
 
