@@ -5,10 +5,10 @@ funasr's own inference loops one waveform at a time. A naive padded forward drif
 Linear layer. This module walks the funasr module's submodules (nothing in funasr is patched):
 
 1. ``layer_norm`` of each waveform over its own samples, before padding (as ``inference`` does).
-2. Conv feature extractor: per clip on CPU (no padded work; a batch buys nothing there). On GPUs, in
-   ``layer_norm`` mode, as one padded call: every op is per frame and a valid output frame's receptive
-   field lies inside the clip, so valid frames are exact. (``default`` mode group-normalises over time,
-   which would leak, so it always runs per clip.)
+2. Conv feature extractor: per clip on CPU (no padded work, one clip's activations at a time). On
+   GPUs, in ``layer_norm`` mode, as one padded call: every op is per frame and a valid output frame's
+   receptive field lies inside the clip, so valid frames are exact. (``default`` mode group-normalises
+   over time, which would leak, so it always runs per clip.)
 3. Relative positional encoder (depth x [grouped Conv1d k=19 -> LayerNorm -> GELU]): padded frames
    become non-zero after each layer, so the valid-frame mask is multiplied into the input of EVERY
    conv, which then sees exactly the zeros that its own ``padding=k//2`` gives a lone clip.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ class Packing:
     @classmethod
     def of(cls, valid: torch.Tensor, *, padded_attention: bool) -> Packing:
         lengths = valid.sum(1).tolist()
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        starts = [0, *accumulate(lengths)][:-1]
         return cls(valid, list(zip(starts, lengths, strict=True)), padded_attention)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
@@ -214,7 +215,10 @@ def _run_block(block: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor
 
 
 def _attention(attn: Any, x: torch.Tensor, packing: Packing, bias: torch.Tensor | None) -> torch.Tensor:
-    """funasr's ``AltAttention.forward`` on packed tokens: per clip, or padded with padding keys masked."""
+    """funasr's ``AltAttention.forward`` on packed tokens: per clip, or padded with padding keys masked.
+    funasr's ``Emotion2vec`` never enables cosine attention, so that branch is not mirrored."""
+    if attn.cosine_attention:
+        raise ValueError("cosine attention is not supported by the batched forward")
     heads = attn.num_heads
     width = x.shape[-1]
     qkv = attn.qkv(x)
@@ -241,8 +245,6 @@ def _clip_attention(
     """One clip's attention (heads x tokens x head_dim), always in fp32: the scale and the ALiBi add
     ride in one ``baddbmm`` (~1.5x faster on CPU than separate passes over the H x N x N scores, same
     values), and under bf16 the scores, bias and softmax keep fp32 precision for ~6% of the FLOPs."""
-    if attn.cosine_attention:
-        raise ValueError("cosine attention is not supported by the batched forward")
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
         if bias is None:
@@ -255,10 +257,7 @@ def _clip_attention(
 def _attention_probs(
     attn: Any, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, padding: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Softmaxed attention scores exactly as ``AltAttention`` computes them (heads on dim -3).
-    funasr's ``Emotion2vec`` never enables cosine attention, so that branch is not mirrored."""
-    if attn.cosine_attention:
-        raise ValueError("cosine attention is not supported by the batched forward")
+    """Softmaxed attention scores exactly as ``AltAttention`` computes them (heads on dim -3)."""
     dtype = q.dtype
     scores = (q * attn.scale) @ k.transpose(-2, -1)
     if bias is not None:

@@ -519,10 +519,10 @@ def _cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
             if in_fp32_submodule(name):
                 continue
             if isinstance(child, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-                for name in ("weight", "bias"):
-                    param = getattr(child, name)
+                for attribute in ("weight", "bias"):
+                    param = getattr(child, attribute)
                     if param is not None:
-                        setattr(child, name, torch.nn.Parameter(param.to(dtype), requires_grad=False))
+                        setattr(child, attribute, torch.nn.Parameter(param.to(dtype), requires_grad=False))
 
 
 def _quantize_int8(module: torch.nn.Module) -> None:
