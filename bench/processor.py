@@ -472,7 +472,7 @@ def report(model: str, clips: int, audio_seconds: float, min_s: float, max_s: fl
     print("\nTime split, fraction of each run's wall time (median over rounds). Processor stages are "
           "StageTimes: fetch_decode is summed over the fetch pool's threads and overlaps the others; "
           "cache, model and produce run serially on the inference thread. batches = gathered batches, "
-          "forwards = padded model forwards the planner cut them into.\n")
+          "forwards = batched model forwards the planner cut them into.\n")
     split_rows = []
     for name, runs in results.items():
         stages = runs[0].stages
