@@ -46,11 +46,11 @@ fp32 / bf16; int8 = a dynamically quantized Linear), at ``--threads``. The int8 
 Linear FLOPs at the int8 rate and the rest (convs, attention) at fp32. "floor %" = floor time /
 measured time.
 
-Attention probe (fp32): single padded forwards of ``count`` equal clips: peak RSS per padded second
-and per count x longest^2. funasr's attention materialises B x heads x N x N fp32 scores (N = 50
-frames/s + 10 extra tokens; ~3.5 such tensors alive at the peak), which is what
-``plan_batches(max_attention=...)`` caps; the conv feature extractor's activations are linear in the
-padded length and are what ``max_padded_samples`` caps.
+Attention probe (fp32): single forwards of ``count`` equal clips: peak RSS per second of the batch and
+per count x longest^2. On CPU the batched forward runs the extractor and attention one clip at a time,
+so the peak follows the longest clip; in the padded (GPU) layout the attention materialises B x heads x
+N x N scores (N = 50 frames/s + 10 extra tokens), which ``plan_batches(max_attention=...)`` caps, and
+the extractor's activations grow with count x longest, which ``max_padded_samples`` caps.
 
 GPU section (only when ``torch.cuda.is_available()``; else it prints that it was skipped): a larger
 clip set; fp32/bf16/fp16 at batch 1 and planner-bucketed batches, ``torch.cuda.max_memory_allocated``,
@@ -580,7 +580,7 @@ def cpu_features() -> str:
 
 
 def attention_probe(model: Any, seconds_list: Sequence[tuple[int, float]]) -> str:
-    """Single padded forwards of ``count`` equal clips of ``seconds``: peak RSS and time."""
+    """Single forwards of ``count`` equal clips of ``seconds``: peak RSS and time."""
     encoder = model._module.modality_encoders["AUDIO"]
     heads = model._module.blocks[0].attn.num_heads
     extra = encoder.extra_tokens.size(1) if encoder.extra_tokens is not None else 0
@@ -751,7 +751,7 @@ def main() -> None:
         del result
     if not args.no_attention_probe and "fp32" in models:
         probes = [(int(c), float(s)) for c, s in (p.split("x") for p in args.attention_probe.split(","))]
-        print(f"\n#### Attention memory, {args.model}, fp32, one padded forward each ({machine_line()})\n")
+        print(f"\n#### Attention memory, {args.model}, fp32, one forward each ({machine_line()})\n")
         print(attention_probe(models["fp32"], probes))
     del models
     gc.collect()
