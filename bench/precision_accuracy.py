@@ -21,16 +21,17 @@ import numpy as np
 import torch
 
 from emofleet.processors.batching import plan_batches
+from emofleet.processors.model import EMOTIONS, EmotionModel
 
 from harness import log, machine_line, markdown_table
 from inference import (ACCURACY_MAX_ABS_DIFF, ACCURACY_MIN_TOP1, SAMPLE_RATE, cpu_features, load,
                        make_clips, model_directory)
 
 
-def scores_of(model: object, clips: list[np.ndarray], plan: list[list[int]]) -> np.ndarray:
-    scores = np.zeros((len(clips), 9), dtype=np.float32)
+def scores_of(model: EmotionModel, clips: list[np.ndarray], plan: list[list[int]]) -> np.ndarray:
+    scores = np.zeros((len(clips), len(EMOTIONS)), dtype=np.float32)
     for batch in plan:
-        for index, prediction in zip(batch, model.predict([clips[i] for i in batch]), strict=True):  # type: ignore[attr-defined]
+        for index, prediction in zip(batch, model.predict([clips[i] for i in batch]), strict=True):
             scores[index] = prediction.scores
     return scores
 
