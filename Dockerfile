@@ -14,14 +14,15 @@ RUN python -m venv /opt/emofleet
 ENV PATH=/opt/emofleet/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY emofleet ./emofleet
 COPY streams ./streams
 COPY processors ./processors
 COPY schemas ./schemas
 COPY sinks ./sinks
-COPY infra/__init__.py infra/local_stack.py ./infra/
-RUN pip install .
+COPY infra/__init__.py infra/local_stack.py infra/check_imports.py ./infra/
+# fail the build when `pip install .` left out a backend that the code imports lazily (boto3 for s3://, ...)
+RUN pip install . && python -P infra/check_imports.py
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 # libsndfile decodes audio, ffmpeg is the fallback for containers it cannot open (processors/audio.py)
@@ -35,9 +36,13 @@ USER emofleet
 ENV PATH=/opt/emofleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     EMOFLEET_DATA_DIR=/data \
+    MODELSCOPE_CACHE=/data/models/modelscope \
+    HF_HOME=/data/models/huggingface \
     EMOFLEET_OBSERVABILITY_METRICS_PORT=9400 \
     EMOFLEET_OBSERVABILITY_LOG_FORMAT=json
 WORKDIR /data
+# state, chDB files and the downloaded model (~2 GB, MODELSCOPE_CACHE / HF_HOME above): keep it on a volume so a
+# recreated container does not download the model again
 VOLUME ["/data"]
 EXPOSE 9400
 # /healthz: the poll loop turned recently (alive while the model loads: "starting")

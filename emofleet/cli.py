@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +107,34 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.manifest:
         raise UserError("nothing to produce", "give audio paths/globs or --manifest FILE.jsonl|.csv")
+    path_map = _path_map(args.path_map or [])
     settings = load_settings(args)
     defaults = {"tenant": args.tenant, "source": args.source, "channel": args.channel}
-    items: list[Any] = list(references_from_paths(args.paths, defaults=defaults))
+    items: list[Any] = list(references_from_paths(args.paths, defaults=defaults, path_map=path_map))
     for manifest in args.manifest or []:
         if not Path(manifest).is_file():
             raise UserError(f"manifest {manifest} does not exist", "check the path")
-        items.extend(references_from_manifest(Path(manifest), defaults=defaults))
+        items.extend(references_from_manifest(Path(manifest), defaults=defaults, path_map=path_map))
     report, failed = _produce(settings, items)
     print(f"sent {report.sent}, failed {failed}")
     return 1 if failed else 0
+
+
+def _path_map(texts: Sequence[str]) -> list[Any]:
+    """--path-map values, each source directory resolved as the file paths are (symlinks followed)."""
+    from dataclasses import replace
+    from pathlib import PurePosixPath
+
+    from emofleet.streams.references import InvalidReference, parse_path_mapping
+
+    mappings = []
+    for text in texts:
+        try:
+            mapping = parse_path_mapping(text)
+        except InvalidReference as error:
+            raise UserError(str(error), "e.g. --path-map ./audio:/audio (host dir : dir the processors read)") from None
+        mappings.append(replace(mapping, source=PurePosixPath(Path(mapping.source).resolve())))
+    return mappings
 
 
 def _produce(settings: cfg.Settings, items: list[Any]) -> tuple[Any, int]:
@@ -126,7 +145,7 @@ def _produce(settings: cfg.Settings, items: list[Any]) -> tuple[Any, int]:
 
     errors = [item for item in items if isinstance(item, ItemError)]
     references = [item for item in items if not isinstance(item, ItemError)]
-    codec = make_codec(settings.kafka.schema_registry_url)
+    codec = make_codec(settings.kafka.schema_registry_url, settings.kafka.registry_config)
     with _progress(len(references), "produce", unit="ref") as bar, \
             AudioReferenceProducer(settings.kafka, codec, on_delivery=lambda *_: bar.update(1)) as producer:
         for reference in references:
@@ -175,9 +194,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     import time
 
     from emofleet.samples import write_samples
+    from emofleet.schemas.codec import make_codec
     from emofleet.streams.references import references_from_paths
     from emofleet.streams.topics import ensure_topics, pipeline_topics
-    from emofleet.up import Supervisor, child_env, pipeline_commands, wait_until_stored
+    from emofleet.up import (CrashLoopError, ResultsTap, RunTracker, StalledError, Supervisor, child_env,
+                             follow_run, pipeline_commands, run_key)
 
     with contextlib.ExitStack() as stack:
         base = load_settings(args)
@@ -196,14 +217,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.start()
         stack.callback(supervisor.stop)
         started = time.monotonic()
-        references = references_from_paths(paths, defaults={"tenant": "demo", "source": "up"})
-        report, failed = _produce(settings, list(references))
+        tap = ResultsTap(settings, make_codec(settings.kafka.schema_registry_url,  # before anything is sent
+                                              settings.kafka.registry_config))
+        stack.callback(tap.close)
+        items = list(references_from_paths(paths, defaults={"tenant": "demo", "source": "up"}))
+        report, failed = _produce(settings, items)
+        undelivered = {audio_id for audio_id, _ in report.failed}
+        tracker = RunTracker({run_key(item) for item in items if isinstance(item, dict)
+                              and item["audio_id"] not in undelivered}, started_ms=int(time.time() * 1000))
         print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink "
               f"and the aggregator running, logs in {logs}")
-        with _progress(report.sent, "in ClickHouse", unit="ref", always=True) as bar:
-            stored = wait_until_stored(settings, report.ranges, supervisor, timeout=args.timeout, progress=bar,
-                                       runner=_stored_rows_runner(settings, stack))
-        print(f"{stored}/{report.sent} references stored in ClickHouse in {time.monotonic() - started:.1f}s\n")
+        try:
+            with _progress(len(tracker.expected), "in ClickHouse", unit="ref", always=True) as bar:
+                follow_run(tracker, tap, _stored_rows_runner(settings, stack), settings.clickhouse.database,
+                           supervisor, timeout=args.timeout, stall_seconds=args.stall_timeout, progress=bar.update)
+        except (CrashLoopError, StalledError) as error:
+            print(f"{tracker.summary()}\nlast lines of {error.log}:\n{error.tail}", file=sys.stderr)
+            raise UserError(str(error), f"the whole log is {error.log}") from None
+        print(f"{tracker.summary()} ({time.monotonic() - started:.1f}s)\n")
         run, close = _query_runner(settings)
         stack.callback(close)
         _print_report(run, settings, plot=None)
@@ -212,7 +243,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             while True:
                 supervisor.check()
                 time.sleep(1)
-        return 0 if stored == report.sent and not failed else 1
+        return 0 if tracker.done and not failed else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -269,6 +300,29 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return run_sink(settings)
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from emofleet.sinks.clickhouse import chdb_lock_holder, connect, redact_dsn
+    from emofleet.sinks.schema import check_drift, migrate
+
+    settings = load_settings(args)
+    dsn, database = settings.clickhouse_dsn, settings.clickhouse.database
+    path = dsn.removeprefix("chdb://")
+    if dsn.startswith("chdb://") and (holder := chdb_lock_holder(path)):
+        raise UserError(f"the chDB directory {path} is open in another process ({holder}); chDB allows one process "
+                        "per directory", "a running sink applies the migrations itself when it starts; stop it to "
+                                         "migrate by hand")
+    client = connect(settings.clickhouse, dsn)
+    try:
+        applied = migrate(client, database)
+        check_drift(client, database)
+    finally:
+        client.close()
+    where = f"database {database} at {redact_dsn(dsn)}"
+    print("\n".join([f"applied {name}" for name in applied]
+                    + [f"{where}: {len(applied)} migration(s) applied, schema up to date"]))
+    return 0
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     _configure_logging(args.log_level, settings)
@@ -306,23 +360,32 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from emofleet.sinks.analytics import parse_time_bound
+
+    now = datetime.now(UTC)
+    try:
+        since, until = (parse_time_bound(text, now) if text else None for text in (args.since, args.until))
+    except ValueError as error:
+        raise UserError(str(error), "e.g. --since 2h, or --since 2026-11-25 --until 2026-11-26") from None
     settings = load_settings(args)
     run, close = _query_runner(settings)
     try:
-        _print_report(run, settings, plot=Path(args.plot) if args.plot else None)
+        _print_report(run, settings, plot=Path(args.plot) if args.plot else None, since=since, until=until,
+                      fmt=args.format)
     finally:
         close()
     return 0
 
 
-def _print_report(run: Any, settings: cfg.Settings, plot: Path | None) -> None:
+def _print_report(run: Any, settings: cfg.Settings, plot: Path | None, *, since: datetime | None = None,
+                  until: datetime | None = None, fmt: str = "text") -> None:
     from emofleet.sinks.analytics import build_report, format_report, plot_report
 
-    report = build_report(run, settings.clickhouse.database, since=None)
-    print(format_report(report))
+    report = build_report(run, settings.clickhouse.database, since=since, until=until)
+    print(json.dumps(report.to_dict(), indent=2) if fmt == "json" else format_report(report))
     if plot:
         plot_report(report, plot)
-        print(f"plot written to {plot}")
+        print(f"plot written to {plot}", file=sys.stderr if fmt == "json" else sys.stdout)
 
 
 def _configure_logging(level: str, settings: cfg.Settings | None = None) -> None:
@@ -364,13 +427,39 @@ def _progress(total: int, description: str, unit: str, always: bool = False) -> 
     return tqdm(total=total, desc=description, unit=unit)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Metavars named after the option (--bootstrap-servers BOOTSTRAP_SERVERS), not its settings dest
+    (kafka__bootstrap_servers)."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return max(action.option_strings, key=len).lstrip("-").replace("-", "_").upper()
+
+
+class _VersionAction(argparse.Action):
+    """--version from the installed package's metadata, read only when asked (it costs ~40 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        from importlib.metadata import version
+
+        print(f"emofleet {version('emofleet')}")
+        parser.exit()
+
+
+DESCRIPTION = ("Speech-emotion analytics at scale: publish references to audio on Kafka, run emotion2vec+ on a fleet "
+               "of processors, store the emotion events in ClickHouse, aggregate and alert on them. "
+               "`emofleet up --model tiny` runs it all on this machine.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emofleet", description=__doc__.split("\n")[0].replace(
-        "The `emofleet` command", "Speech-emotion analytics at scale"))
+    parser = argparse.ArgumentParser(prog="emofleet", description=DESCRIPTION, epilog="Every command has --help.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         sub.set_defaults(handler=handler)
         _add_common(sub)
         return sub
@@ -392,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--source", help="source for items that do not name one")
     produce.add_argument("--channel", help="channel for items that do not name one")
     produce.add_argument("--topic", dest="kafka__audio_topic", help="audio topic (default emofleet.audio)")
+    produce.add_argument("--path-map", action="append", metavar="HOST_DIR:TARGET_DIR",
+                         help="publish file:// paths under HOST_DIR as under TARGET_DIR, where the processors read "
+                              "them (e.g. ./audio:/audio for docker-compose.yml); repeatable")
 
     up = command("up", cmd_up, "run the pipeline on the embedded stack: start it, create topics, run processors, "
                                "enqueue audio, wait until every reference has a result or a dead letter")
@@ -401,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", dest="model__model",
                     help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
+    up.add_argument("--stall-timeout", type=float, default=300.0,
+                    help="fail when no reference got a result or was stored for this many seconds (default 300; "
+                         "the first run of a hub model downloads it meanwhile: raise it on slow links)")
     up.add_argument("--keep-running", action="store_true", help="leave the processors running afterwards")
     _add_observability(up, "serve /metrics /healthz /readyz: processors on PORT, PORT+1, ..., the sink, then the "
                            "aggregator (default 0: off)")
@@ -439,12 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_observability(aggregate, "serve /metrics /healthz /readyz on this port (default 0: off; containers use "
                                    "9400)")
 
+    migrate = command("migrate", cmd_migrate, "apply the ClickHouse schema migrations and check the tables (the sink "
+                                              "does this when it starts); embedded chDB: only while no sink runs")
+    migrate.add_argument("--dsn", dest="clickhouse__dsn",
+                         help="chdb:///path or http(s)://host:port (default: chDB under the data dir)")
+
     query = command("query", cmd_query, "run a read-only SQL query against the analytics tables")
     query.add_argument("sql", help='e.g. "SELECT label, count() FROM emofleet.emotion_events GROUP BY label"')
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--dsn", dest="clickhouse__dsn", help="ClickHouse DSN (default: chDB under the data dir)")
 
     report = command("report", cmd_report, "print the analytics report (distribution, timeline, dead letters, ...)")
+    report.add_argument("--since", metavar="TIME", help="from this time on: 15m, 2h, 7d (ago) or ISO 8601 "
+                                                        "(2026-11-25T14:00Z; no zone = UTC); default: all time")
+    report.add_argument("--until", metavar="TIME", help="before this time (same forms as --since); default: no limit")
+    report.add_argument("--format", choices=("text", "json"), default="text", help="text tables (default) or JSON")
     report.add_argument("--plot", metavar="FILE.png", help="also draw the report as a PNG")
     report.add_argument("--dsn", dest="clickhouse__dsn", help="ClickHouse DSN (default: chDB under the data dir)")
 
@@ -482,7 +586,9 @@ def _user_message(error: Exception) -> tuple[str | None, str]:
     if type(error).__name__ == "QueryError":
         return str(error), "queries are read-only; tables: emotion_events, dead_letters, emotion_minutes, emotion_frames"
     if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError"}:
-        return str(error), getattr(error, "hint", "") or "check the DSN (`emofleet config`) and that the sink runs"
+        # ClickHouseError ends its message (one line, fit for logs) with "(hint: ...)": show the hint once
+        message, _, _ = str(error).partition(" (hint: ")
+        return message, getattr(error, "hint", "") or "check the DSN (`emofleet config`) and that the sink runs"
     if type(error).__name__ == "ModelLoadError":
         return str(error), "`--model tiny` runs offline; a hub id needs network or a local copy"
     if type(error).__name__ == "KafkaException":

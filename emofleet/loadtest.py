@@ -185,7 +185,8 @@ def produce(settings: Any, run: str, uris: list[str], rate: float, sent: Sent, *
     from emofleet.streams.references import make_reference
 
     stop = stop or threading.Event()
-    with AudioReferenceProducer(settings.kafka, make_codec(settings.kafka.schema_registry_url),
+    codec = make_codec(settings.kafka.schema_registry_url, settings.kafka.registry_config)
+    with AudioReferenceProducer(settings.kafka, codec,
                                 **{"linger.ms": 5}) as producer:
         began = time.monotonic()
         for i, uri in enumerate(uris):

@@ -3,8 +3,10 @@
 #   bash infra/dev.sh up [emofleet up flags]   set up, then run the pipeline on the embedded stack
 #   bash infra/dev.sh test [pytest flags]      set up, then run the whole test suite
 #   bash infra/dev.sh setup                    set up only
-# Set-up is idempotent: system packages only when missing, the virtualenv (.venv) refreshed only when
-# pyproject.toml changed since the last install.
+#   bash infra/dev.sh check-install            `pip install .` (no extras, as the Dockerfile does) into a
+#                                              separate virtualenv, then import every backend it must ship
+# Set-up is idempotent: system packages only when missing, a virtualenv refreshed only when pyproject.toml
+# changed since its last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,16 +39,19 @@ system_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)   # decodes containers libsndfile cannot (m4a, aac, ...)
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # validates docker-compose.yml offline
   if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}" || log "continuing without: ${missing[*]}"
   fi
 }
 
+pyproject_stamp() { sha256sum pyproject.toml | cut -d' ' -f1; }
+
 virtualenv() {
   local python stamp
   python=$(find_python)
   [ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
-  stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  stamp=$(pyproject_stamp)
   if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
     log "installing the project and its pinned dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
@@ -55,13 +60,34 @@ virtualenv() {
   fi
 }
 
+# Outside the work tree, so fresh clones (CI) reuse it while pyproject.toml is unchanged.
+PRODUCTION_VENV=${EMOFLEET_PRODUCTION_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/emofleet/production-venv}
+
+check_install() {
+  local stamp
+  stamp=$(pyproject_stamp)
+  if [ "$(cat "$PRODUCTION_VENV/.installed" 2>/dev/null)" != "$stamp" ]; then
+    log "installing the project without extras into $PRODUCTION_VENV"
+    rm -rf "$PRODUCTION_VENV"
+    "$(find_python)" -m venv "$PRODUCTION_VENV"
+    "$PRODUCTION_VENV/bin/python" -m pip install -q --upgrade pip
+    # the CPU build of the pinned torch first (on local disk here); a bare resolve may pick the CUDA build
+    "$PRODUCTION_VENV/bin/python" -m pip install -q "$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')"
+    "$PRODUCTION_VENV/bin/python" -m pip install -q .
+    echo "$stamp" > "$PRODUCTION_VENV/.installed"
+  fi
+  # -P: import the installed dependencies, never this tree's modules
+  "$PRODUCTION_VENV/bin/python" -P infra/check_imports.py
+}
+
 setup() { system_packages; virtualenv; }
 
 command=${1:-}
 [ $# -gt 0 ] && shift
 case "$command" in
   setup) setup ;;
+  check-install) check_install ;;
   up)    setup; exec .venv/bin/emofleet up "$@" ;;
   test)  setup; exec .venv/bin/python -m pytest "$@" ;;
-  *)     echo "usage: bash infra/dev.sh {up|test|setup} [args...]" >&2; exit 2 ;;
+  *)     echo "usage: bash infra/dev.sh {up|test|setup|check-install} [args...]" >&2; exit 2 ;;
 esac

@@ -44,7 +44,7 @@ def build_processor(settings: Settings, model: EmotionModel | None = None, metri
         model = load_model(settings.model, cache_dir=settings.data_dir / "models")
         load_seconds = time.monotonic() - started
     metrics.loaded_model(model, load_seconds)
-    codec = make_codec(settings.kafka.schema_registry_url)
+    codec = make_codec(settings.kafka.schema_registry_url, settings.kafka.registry_config)
     producer = Producer(idempotent_producer_config(settings.kafka, **{"linger.ms": 5, "logger": kafka_logger()}))
     processor_id = member_id(settings)
     steps: list[InferenceStep] = []

@@ -37,7 +37,7 @@ import io
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -411,18 +411,22 @@ class RegistryCodec:
                               reason="unknown_schema", schema=entry.name) from None
 
 
-def make_codec(registry_url: str = "", registry_client: object | None = None) -> Codec:
+def make_codec(registry_url: str = "", registry_config: Iterable[tuple[str, str]] = (),
+               registry_client: object | None = None) -> Codec:
     """The codec for this deployment: Confluent framing when a registry URL (``mock://...`` gives
     confluent-kafka's in-memory mock) or client is given, else single-object encoding.
 
-    Loads and parses every known schema up front, so a broken schema file fails at startup.
+    ``registry_config``: further SchemaRegistryClient properties for the URL, as (name, value) pairs
+    (``basic.auth.user.info``, ``ssl.ca.location``, ...). Loads and parses every known schema up front, so a
+    broken schema file fails at startup.
     """
     for name in SCHEMA_NAMES:
         _entry(name)
     if registry_client is None and registry_url:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        registry_client = SchemaRegistryClient.new_client({"url": registry_url})
+        config = {name: str(value) for name, value in registry_config} | {"url": registry_url}
+        registry_client = SchemaRegistryClient.new_client(config)
     if registry_client is not None:
         return RegistryCodec(registry_client)
     return SingleObjectCodec()

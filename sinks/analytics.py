@@ -20,7 +20,8 @@ Sections of :func:`build_report` (all read tables with ``FINAL``, so reprocessed
 * **throughput** - events and clips per minute of ``processed_at`` (bucketed like the timeline when the
   span is long; ``events_per_minute`` is normalised to one minute either way).
 
-``since`` filters each section on its own time column (named above).
+``since`` / ``until`` (inclusive / exclusive) filter each section on its own time column (named above);
+:func:`parse_time_bound` reads them from the command line (ISO 8601 or relative: ``15m``, ``2h``, ``7d``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -54,6 +56,7 @@ _NEGATIVE_SQL = "(" + ", ".join(f"'{label}'" for label in NEGATIVE_LABELS) + ")"
 class Report:
     database: str
     since: datetime | None
+    until: datetime | None
     generated_at: datetime
     bucket: str  # timeline bucket: minute | hour | day
     throughput_bucket: str
@@ -71,12 +74,14 @@ class Report:
         return json.loads(json.dumps(asdict(self), default=_json_default))
 
 
-def build_report(run: QueryRunner, database: str, since: datetime | None = None, *, bucket: str = "auto",
-                 min_clips: int = 5, top_sources: int = 10, now: datetime | None = None) -> Report:
+def build_report(run: QueryRunner, database: str, since: datetime | None = None, *, until: datetime | None = None,
+                 bucket: str = "auto", min_clips: int = 5, top_sources: int = 10,
+                 now: datetime | None = None) -> Report:
     """Run the report queries through ``run`` and assemble a :class:`Report`.
 
     ``bucket``: ``"auto"`` (by time span), ``"minute"``, ``"hour"`` or ``"day"``; ``min_clips``: sources
-    with fewer clips are left out of the most-negative ranking; ``since``: aware datetime (naive = UTC).
+    with fewer clips are left out of the most-negative ranking; ``since`` (inclusive) and ``until``
+    (exclusive): aware datetimes (naive = UTC).
     """
     if bucket != "auto" and bucket not in BUCKETS:
         raise ValueError(f"bucket must be auto or one of {', '.join(BUCKETS)}, got {bucket!r}")
@@ -86,20 +91,24 @@ def build_report(run: QueryRunner, database: str, since: datetime | None = None,
     params: dict[str, Any] = {}
     if since is not None:
         params["since_ms"] = datetime_to_millis(since)
+    if until is not None:
+        params["until_ms"] = datetime_to_millis(until)
 
-    def after(column: str) -> str:
-        return f" AND {column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC')" if since is not None else ""
+    def within(column: str) -> str:
+        """`` AND`` conditions keeping ``column`` in [since, until)."""
+        return "".join(f" AND {column} {op} fromUnixTimestamp64Milli({{{name}:Int64}}, 'UTC')"
+                       for op, name in ((">=", "since_ms"), ("<", "until_ms")) if name in params)
 
-    clip_filter = "segment_index = -1" + after("reference_produced_at")
+    clip_filter = "segment_index = -1" + within("reference_produced_at")
 
     totals_row = run(
-        f"SELECT countIf(segment_index = -1{after('reference_produced_at')}) AS clips, "
-        f"countIf(1{after('processed_at')}) AS events, "
-        f"uniqExactIf(source, segment_index = -1{after('reference_produced_at')}) AS sources, "
-        f"toUnixTimestamp64Milli(minIf(reference_produced_at, segment_index = -1{after('reference_produced_at')})) AS first_ms, "
-        f"toUnixTimestamp64Milli(maxIf(reference_produced_at, segment_index = -1{after('reference_produced_at')})) AS last_ms, "
-        f"toUnixTimestamp64Milli(minIf(processed_at, 1{after('processed_at')})) AS first_processed_ms, "
-        f"toUnixTimestamp64Milli(maxIf(processed_at, 1{after('processed_at')})) AS last_processed_ms "
+        f"SELECT countIf(segment_index = -1{within('reference_produced_at')}) AS clips, "
+        f"countIf(1{within('processed_at')}) AS events, "
+        f"uniqExactIf(source, segment_index = -1{within('reference_produced_at')}) AS sources, "
+        f"toUnixTimestamp64Milli(minIf(reference_produced_at, segment_index = -1{within('reference_produced_at')})) AS first_ms, "
+        f"toUnixTimestamp64Milli(maxIf(reference_produced_at, segment_index = -1{within('reference_produced_at')})) AS last_ms, "
+        f"toUnixTimestamp64Milli(minIf(processed_at, 1{within('processed_at')})) AS first_processed_ms, "
+        f"toUnixTimestamp64Milli(maxIf(processed_at, 1{within('processed_at')})) AS last_processed_ms "
         f"FROM {events}", params)[0]
     clips, events_count = int(totals_row["clips"]), int(totals_row["events"])
     totals = {
@@ -144,7 +153,7 @@ def build_report(run: QueryRunner, database: str, since: datetime | None = None,
     ]
 
     cache_row = run(f"SELECT count() AS clips, countIf(cache_hit) AS hits FROM {events} "
-                    f"WHERE segment_index = -1{after('processed_at')}", params)[0]
+                    f"WHERE segment_index = -1{within('processed_at')}", params)[0]
     cache_clips, hits = int(cache_row["clips"]), int(cache_row["hits"])
     cache = {"clips": cache_clips, "hits": hits, "hit_rate": hits / cache_clips if cache_clips else None}
 
@@ -152,7 +161,7 @@ def build_report(run: QueryRunner, database: str, since: datetime | None = None,
         {"reason": r["reason"], "stage": r["stage"], "count": int(r["count"]),
          "last_failed_at": millis_to_datetime(int(r["last_ms"]))}
         for r in run(f"SELECT reason, stage, count() AS count, toUnixTimestamp64Milli(max(failed_at)) AS last_ms "
-                     f"FROM {dead} WHERE 1{after('failed_at')} GROUP BY reason, stage "
+                     f"FROM {dead} WHERE 1{within('failed_at')} GROUP BY reason, stage "
                      "ORDER BY count DESC, reason, stage", params)
     ]
 
@@ -164,13 +173,13 @@ def build_report(run: QueryRunner, database: str, since: datetime | None = None,
         for r in run(
             f"SELECT intDiv(toUnixTimestamp64Milli(processed_at), {{bucket_ms:Int64}}) * {{bucket_ms:Int64}} "
             f"AS bucket_ms, count() AS events, countIf(segment_index = -1) AS clips, "
-            f"avg(processing_latency_ms) AS mean_latency_ms FROM {events} WHERE 1{after('processed_at')} "
+            f"avg(processing_latency_ms) AS mean_latency_ms FROM {events} WHERE 1{within('processed_at')} "
             "GROUP BY bucket_ms ORDER BY bucket_ms",
             params | {"bucket_ms": BUCKETS[throughput_bucket]})
     ]
 
     return Report(
-        database=database, since=since, generated_at=now or datetime.now(UTC), bucket=timeline_bucket,
+        database=database, since=since, until=until, generated_at=now or datetime.now(UTC), bucket=timeline_bucket,
         throughput_bucket=throughput_bucket, min_clips=min_clips, totals=totals, distribution=distribution,
         timeline=timeline, negative_sources=negative_sources, cache=cache, dead_letters=dead_letters,
         throughput=throughput)
@@ -183,14 +192,35 @@ def _auto_bucket(first: datetime | None, last: datetime | None) -> str:
     return "minute" if span <= AUTO_MINUTE_SPAN else "hour" if span <= AUTO_HOUR_SPAN else "day"
 
 
+_RELATIVE = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time_bound(text: str, now: datetime) -> datetime:
+    """``15m`` / ``2h`` / ``7d`` (that long before ``now``) or an ISO 8601 date/time (naive = UTC)."""
+    text = text.strip()
+    if match := _RELATIVE.fullmatch(text):
+        return now - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a relative time (30s, 15m, 2h, 7d, 1w) nor an ISO 8601 time "
+                         "(2026-11-25 or 2026-11-25T14:00:00Z)") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _fmt_window(since: datetime | None, until: datetime | None) -> str:
+    parts = ([f"since {_fmt_time(since)}"] if since else []) + ([f"until {_fmt_time(until)}"] if until else [])
+    return " ".join(parts) or "all time"
+
+
 # ------------------------------------------------------------------------------------ text
 
 
 def format_report(report: Report, *, max_rows: int = 40) -> str:
     """The report as plain-text tables (long tables keep their latest ``max_rows`` rows)."""
     t = report.totals
-    since = _fmt_time(report.since) if report.since else "all time"
-    lines = [f"emofleet report - database {report.database}, since {since}, "
+    lines = [f"emofleet report - database {report.database}, {_fmt_window(report.since, report.until)}, "
              f"generated {_fmt_time(report.generated_at)}"]
     if t["clips"]:
         lines.append(f"{t['clips']} clips ({t['events']} events incl. windows) from {t['sources']} source(s), "
@@ -285,14 +315,14 @@ def plot_report(report: Report, path: Path) -> Path:
     this module stays cheap and works headless.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_dist, ax_time, ax_tp, ax_dead = fig.subplots(2, 2).flat
-    fig.suptitle(f"emofleet - {report.database} - {report.totals['clips']} clips"
-                 + (f" since {_fmt_time(report.since)}" if report.since else ""))
+    fig.suptitle(plot_title(report))
 
     counts = {r["label"]: r["clips"] for r in report.distribution}
     labels = list(EMOTIONS) + sorted(set(counts) - set(EMOTIONS))
@@ -319,8 +349,14 @@ def plot_report(report: Report, path: Path) -> Path:
                    marker=".", color="#27ae60")
     else:
         _no_data(ax_tp)
-    for ax in (ax_time, ax_tp):
-        ax.tick_params(axis="x", rotation=30)
+    for ax, rows, bucket in ((ax_time, report.timeline, report.bucket),
+                             (ax_tp, report.throughput, report.throughput_bucket)):
+        if rows:  # else matplotlib spans years around a lone point
+            ax.set_xlim(*time_axis_limits([r["bucket"] for r in rows], bucket))
+            ax.set_ylim(bottom=0)
+            locator = AutoDateLocator()
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
         ax.set_xlabel("UTC")
     for ax in (ax_dist, ax_time, ax_dead):  # counts; throughput per minute may be fractional
         (ax.xaxis if ax is ax_dead else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
@@ -336,6 +372,21 @@ def plot_report(report: Report, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def plot_title(report: Report) -> str:
+    t = report.totals
+    window = "" if report.since is None and report.until is None else f" ({_fmt_window(report.since, report.until)})"
+    if not t["clips"]:
+        return f"emofleet report: no clips{window}"
+    return (f"emofleet report: {t['clips']} clips from {t['sources']} source(s), audio produced "
+            f"{_fmt_time(t['first_at'])} .. {_fmt_time(t['last_at'])}{window}")
+
+
+def time_axis_limits(buckets: Sequence[datetime], bucket: str) -> tuple[datetime, datetime]:
+    """The data's span, half a bucket of margin on each side (points sit at bucket starts)."""
+    margin = timedelta(milliseconds=BUCKETS[bucket] / 2)
+    return min(buckets) - margin, max(buckets) + margin
 
 
 def _no_data(ax: Any) -> None:

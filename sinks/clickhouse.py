@@ -64,6 +64,24 @@ TRANSIENT_CODES: dict[int, str] = {
     1000: "POCO_EXCEPTION",
 }
 _TRANSIENT_NAMES = frozenset(TRANSIENT_CODES.values())
+# Permanent errors of the table, the user or the settings rather than of the rows: every subset of the rows
+# fails the same way, so an insert failing with one is retried (and alerted on), never split into dead letters.
+SETUP_CODES: dict[int, str] = {
+    8: "THERE_IS_NO_COLUMN",
+    16: "NO_SUCH_COLUMN_IN_TABLE",
+    47: "UNKNOWN_IDENTIFIER",
+    60: "UNKNOWN_TABLE",
+    81: "UNKNOWN_DATABASE",
+    115: "UNKNOWN_SETTING",
+    164: "READONLY",
+    192: "UNKNOWN_USER",
+    193: "WRONG_PASSWORD",
+    194: "REQUIRED_PASSWORD",
+    201: "QUOTA_EXCEEDED",
+    218: "TABLE_IS_DROPPED",
+    497: "ACCESS_DENIED",
+    516: "AUTHENTICATION_FAILED",
+}
 _TRANSIENT_TEXT = re.compile(
     r"too many parts|timed? ?out|timeout|connection (refused|reset|aborted)|broken pipe|"
     r"network is unreachable|temporary failure in name resolution|remote end closed|"
@@ -257,11 +275,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, (ValueError, TypeError, KeyError, AttributeError)):
         return False  # serialization of a bad row: the same row fails again
-    code = getattr(exc, "code", None)
+    code = _error_code(exc)
     name = getattr(exc, "name", None)
     text = str(exc)
-    if code is None and (match := _CODE.search(text)):
-        code = int(match.group(1))
     if code is not None:
         return code in TRANSIENT_CODES
     if name:
@@ -278,6 +294,31 @@ def is_transient(exc: BaseException) -> bool:
         return True  # DNS failure: often a blip, and the DSN was already accepted once
     cause = exc.__cause__ or exc.__context__
     return is_transient(cause) if cause is not None and cause is not exc else False
+
+
+def rejects_rows(exc: BaseException) -> bool:
+    """True when an insert failed for what is in its rows (a constraint, a value the type cannot hold, a
+    row the client cannot serialize), so the same insert without the offending rows can succeed. False
+    for transient errors, client usage errors (``ProgrammingError``: unknown column names, wrong row
+    width) and :data:`SETUP_CODES`, which no subset of the rows avoids."""
+    from clickhouse_connect.driver.exceptions import ProgrammingError
+
+    if is_transient(exc) or isinstance(exc, (ClickHouseError, ProgrammingError)):
+        return False
+    return _error_code(exc) not in SETUP_CODES
+
+
+def error_line(exc: BaseException) -> str:
+    """The error as one short line (its first line, transport noise removed), fit for a record or a log."""
+    return _detail(exc)
+
+
+def _error_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code: the client's ``code`` attribute, else ``Code: N`` in the message."""
+    code = getattr(exc, "code", None)
+    if code is None and (match := _CODE.search(str(exc))):
+        code = int(match.group(1))
+    return code
 
 
 def insert_rows(client: Any, database: str, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],

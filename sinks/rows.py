@@ -19,7 +19,7 @@ Conventions (they match ``sinks/schema.py``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +33,7 @@ SCORE_COLUMNS: tuple[str, ...] = tuple(f"score_{name}" for name in EMOTIONS)
 NEGATIVE_LABELS: tuple[str, ...] = ("angry", "disgusted", "fearful", "sad")
 """Labels counted as negative by the analytics (negativity = share of clips with one of these labels)."""
 
-LINEAGE_COLUMNS: tuple[str, ...] = ("kafka_topic", "kafka_partition", "kafka_offset", "inserted_at")
+LINEAGE_COLUMNS: tuple[str, ...] = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_topic_id", "inserted_at")
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "audio_id", "uri", "content_sha256", "model_id", "model_revision", "granularity",
@@ -55,7 +55,7 @@ DEAD_LETTER_COLUMNS: tuple[str, ...] = (
 """Columns of ``dead_letters`` in table order; :func:`dead_letter_row` returns values in this order."""
 
 FRAME_COLUMNS: tuple[str, ...] = (
-    "event_id", "reference_produced_at", "processed_at", "frame_index", *SCORE_COLUMNS,
+    "event_id", "tenant", "reference_produced_at", "processed_at", "frame_index", *SCORE_COLUMNS,
 )
 """Columns of ``emotion_frames`` in table order; :func:`frame_rows` returns rows in this order."""
 
@@ -86,11 +86,13 @@ def datetime_to_millis(value: datetime) -> int:
     return (value - _EPOCH) // _MILLISECOND
 
 
-def event_row(event: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime) -> list:
+def event_row(event: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime,
+              topic_id: str = "") -> list:
     """One ``emotion_events`` row (order of :data:`EVENT_COLUMNS`) from a decoded EmotionEvent.
 
-    ``topic``/``partition``/``offset`` are the position of the event in the results topic (the sink
-    resumes from them); ``inserted_at`` should be an aware UTC datetime, one per batch.
+    ``topic``/``partition``/``offset`` are the position of the event in the results topic and ``topic_id``
+    the Kafka id of that topic's incarnation (the sink resumes from them); ``inserted_at`` should be an
+    aware UTC datetime, one per batch.
     """
     s = event["scores"]
     return [
@@ -107,12 +109,12 @@ def event_row(event: Mapping[str, Any], topic: str, partition: int, offset: int,
         event.get("call_id") or "", event.get("attributes") or {},
         _EPOCH + event["reference_produced_at"] * _MILLISECOND,
         event["source_topic"], event["source_partition"], event["source_offset"],
-        topic, partition, offset, inserted_at,
+        topic, partition, offset, topic_id, inserted_at,
     ]
 
 
 def dead_letter_row(record: Mapping[str, Any], topic: str, partition: int, offset: int,
-                    inserted_at: datetime) -> list:
+                    inserted_at: datetime, topic_id: str = "") -> list:
     """One ``dead_letters`` row (order of :data:`DEAD_LETTER_COLUMNS`) from a decoded DeadLetter.
 
     ``payload``/``key``/header values stay ``bytes`` (ClickHouse ``String`` holds arbitrary bytes; read
@@ -125,33 +127,53 @@ def dead_letter_row(record: Mapping[str, Any], topic: str, partition: int, offse
         record["error_class"], record["error_message"], record["reason"], record["stage"], record["attempts"],
         record.get("audio_id") or "", record.get("uri") or "",
         _EPOCH + record["failed_at"] * _MILLISECOND, record["processor"],
-        topic, partition, offset, inserted_at,
+        topic, partition, offset, topic_id, inserted_at,
     ]
 
 
-def frame_rows(event: Mapping[str, Any]) -> list[list]:
+def frame_rows(event: Mapping[str, Any], max_frames: int | None = None) -> list[list]:
     """``emotion_frames`` rows (order of :data:`FRAME_COLUMNS`) for a frame-granularity event.
 
     Only the whole-clip summary event (``segment_index == -1``) yields rows: its ``frame_scores`` are all
     frames of the clip in order (the per-window events carry the same frames again, split by window), so
     taking the summary stores each frame exactly once, with ``frame_index`` counted from the clip start
     (``frame_index / 50`` = seconds). Events without ``frame_scores`` yield ``[]``.
+
+    A clip of more than ``max_frames`` frames is downsampled, not truncated: each row is then the mean of a
+    run of ``ceil(frames / max_frames)`` consecutive frames and its ``frame_index`` is the run's first frame,
+    so ``frame_index / 50`` stays the start in seconds and the whole clip stays covered, more coarsely.
     """
     frames = event.get("frame_scores")
     if not frames or event["segment_index"] != -1:
         return []
-    event_id = event["event_id"]
-    produced = _EPOCH + event["reference_produced_at"] * _MILLISECOND
-    processed = _EPOCH + event["processed_at"] * _MILLISECOND
+    head = [event["event_id"], event.get("tenant") or "", _EPOCH + event["reference_produced_at"] * _MILLISECOND,
+            _EPOCH + event["processed_at"] * _MILLISECOND]
+    if max_frames is not None and len(frames) > max_frames:
+        return [[*head, index, *scores] for index, scores in pooled_frames(frames, max_frames)]
     return [
-        [event_id, produced, processed, index,
-         f["angry"], f["disgusted"], f["fearful"], f["happy"], f["neutral"],
+        [*head, index, f["angry"], f["disgusted"], f["fearful"], f["happy"], f["neutral"],
          f["other"], f["sad"], f["surprised"], f["unknown"]]
         for index, f in enumerate(frames)
     ]
 
 
-def aggregate_row(record: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime) -> list:
+def pooled_frames(frames: Sequence[Mapping[str, float]], max_frames: int) -> list[tuple[int, list[float]]]:
+    """At most ``max_frames`` (first frame index, mean scores in :data:`EMOTIONS` order) pairs: the means of
+    consecutive runs of ``ceil(len(frames) / max_frames)`` frames (the last run may be shorter)."""
+    import numpy as np
+
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    stride = -(-len(frames) // max_frames)
+    scores = np.array([[f[name] for name in EMOTIONS] for f in frames], dtype=np.float64)
+    starts = np.arange(0, len(frames), stride)
+    lengths = np.diff(np.append(starts, len(frames)))
+    means = np.add.reduceat(scores, starts, axis=0) / lengths[:, None]
+    return list(zip(starts.tolist(), means.tolist(), strict=True))
+
+
+def aggregate_row(record: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime,
+                  topic_id: str = "") -> list:
     """One ``emotion_aggregates`` row (order of :data:`AGGREGATE_COLUMNS`) from a decoded EmotionAggregate."""
     c = record["label_counts"]
     return [
@@ -161,5 +183,5 @@ def aggregate_row(record: Mapping[str, Any], topic: str, partition: int, offset:
         record["clips"], c["angry"], c["disgusted"], c["fearful"], c["happy"], c["neutral"], c["other"], c["sad"],
         c["surprised"], c["unknown"], record["mean_confidence"], record["negativity"],
         _EPOCH + record["first_event_at"] * _MILLISECOND, _EPOCH + record["last_event_at"] * _MILLISECOND,
-        topic, partition, offset, inserted_at,
+        topic, partition, offset, topic_id, inserted_at,
     ]

@@ -29,8 +29,9 @@ Schema choices (the lead's README can point here):
   symbol in the Avro enum needs no ALTER (the Avro reader already maps unknown symbols to ``unknown``).
   Scores are flattened to ``score_<emotion>`` Float32 columns; ``embedding`` is ``Array(Float32)``
   (``[]`` when absent); per-frame scores live in ``emotion_frames``.
-* ``kafka_topic``/``kafka_partition``/``kafka_offset``: where the row sits in the *results* topic; the
-  sink resumes from ``max(kafka_offset) + 1`` per partition (:func:`last_offsets`).
+* ``kafka_topic``/``kafka_partition``/``kafka_offset``/``kafka_topic_id``: where the row sits in the
+  *results* topic and which incarnation of that topic (Kafka's topic id) it was read from; the sink
+  resumes from ``max(kafka_offset) + 1`` per partition of the current incarnation (:func:`last_offsets`).
 * ``non_replicated_deduplication_window = 1000`` on every table written by inserts: an insert repeated
   with the same ``insert_deduplication_token`` (e.g. a batch re-sent after a timeout whose first attempt
   did land) is dropped, including in the materialized view's target (``emotion_minutes`` needs the window
@@ -40,7 +41,10 @@ Schema choices (the lead's README can point here):
   failed_at would keep duplicates apart). ``key`` is ``Nullable(String)`` (no key != empty key for
   replay), ``payload`` String (raw bytes), ``headers`` ``Array(Tuple(key String, value Nullable(String)))``
   to keep order, repeated names and null values exactly as Kafka had them.
-* ``emotion_frames`` - frame-granularity scores of whole-clip events, one row per 20 ms frame.
+* ``emotion_frames`` - frame-granularity scores of whole-clip events, one row per 20 ms frame, with the
+  event's ``tenant`` (migration 7). At most ``max_frames_per_clip`` rows per clip: a longer clip is
+  mean-pooled (see ``rows.frame_rows``). ``ReplacingMergeTree`` on ``(event_id, frame_index)``: frames
+  written again after a sink crash collapse on merge (read with ``FINAL`` when that matters).
 * ``emotion_minutes`` - AggregatingMergeTree fed by the materialized view ``emotion_minutes_mv``: per
   minute (of ``reference_produced_at``) x tenant x source x label: ``clips``
   (``SimpleAggregateFunction(sum, UInt64)``) and ``confidence`` (``avgState``), whole-clip events only.
@@ -51,11 +55,25 @@ Schema choices (the lead's README can point here):
   aggregate_id)`` and the partition (month of ``window_start``) are functions of ``aggregate_id``, so a
   window re-published after an aggregator crash (same id, same content) collapses into one row; read with
   ``FINAL``. Label counts are flattened to ``count_<emotion>``; Kafka lineage as in ``emotion_events``.
+
+Retention (not a migration: settings, so changing one and restarting the sink changes the tables):
+:func:`migrate` given the ``ClickHouseSettings`` calls :func:`apply_retention`, which reads each table's
+live TTL from ``system.tables`` and runs ``ALTER TABLE ... MODIFY TTL`` (or ``REMOVE TTL`` for 0 days =
+keep forever) only where it differs from the settings. ClickHouse then materializes the new TTL once
+(a mutation over the existing parts) and drops expired rows on merges. Rows expire by *event* time:
+``emotion_events`` and ``emotion_frames`` by ``reference_produced_at`` (``events_ttl_days`` 30,
+``frames_ttl_days`` 7), ``emotion_aggregates`` by ``window_end`` and ``emotion_minutes`` by ``minute``
+(``aggregates_ttl_days`` 365: small rollups outlive the raw rows), ``dead_letters`` by ``failed_at``
+(``dead_letters_ttl_days`` 90) while its ``payload`` column is emptied after
+``dead_letter_payload_ttl_days`` (7): the failure's metadata stays searchable, the raw bytes go. So a
+backfill of audio older than the retention is removed at the next merge. Only MergeTree tables are
+altered: on a cluster, where the sink's tables are Distributed, set the TTLs on the local tables.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +81,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from emofleet.sinks.rows import AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS
+from emofleet.streams.config import ClickHouseSettings
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "schema_migrations"
 EVENTS_TABLE = "emotion_events"
@@ -296,6 +317,16 @@ ORDER BY (tenant, scope, scope_value, window_type, window_start, aggregate_id)
 SETTINGS non_replicated_deduplication_window = 1000
 """,
     )),
+    # The log a row was read from: Kafka's topic id changes when a topic is recreated (or a memory-backed
+    # broker restarts), offsets start again from 0, and resuming by offset alone would skip the new log.
+    Migration(6, "add_kafka_topic_id", tuple(
+        f"ALTER TABLE {{db}}.{table} ADD COLUMN IF NOT EXISTS kafka_topic_id LowCardinality(String) DEFAULT '' "
+        "AFTER kafka_offset"
+        for table in ("emotion_events", "dead_letters", "emotion_aggregates"))),
+    Migration(7, "add_emotion_frames_tenant", (
+        "ALTER TABLE {db}.emotion_frames ADD COLUMN IF NOT EXISTS tenant LowCardinality(String) DEFAULT '' "
+        "AFTER event_id",
+    )),
 )
 
 # ------------------------------------------------------------------------------------ expected shape
@@ -306,7 +337,7 @@ _SCORE_TYPES = tuple((f"score_{e}", "Float32") for e in (
 _DT = "DateTime64(3, 'UTC')"
 _LC = "LowCardinality(String)"
 _LINEAGE_TYPES = (("kafka_topic", _LC), ("kafka_partition", "UInt16"), ("kafka_offset", "UInt64"),
-                  ("inserted_at", _DT))
+                  ("kafka_topic_id", _LC), ("inserted_at", _DT))
 
 EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     EVENTS_TABLE: (
@@ -331,7 +362,7 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         *_LINEAGE_TYPES,
     ),
     FRAMES_TABLE: (
-        ("event_id", "String"), ("reference_produced_at", _DT), ("processed_at", _DT),
+        ("event_id", "String"), ("tenant", _LC), ("reference_produced_at", _DT), ("processed_at", _DT),
         ("frame_index", "UInt32"), *_SCORE_TYPES,
     ),
     AGGREGATES_TABLE: (
@@ -344,7 +375,7 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         *_LINEAGE_TYPES,
     ),
 }
-DRIFT_CHECKED_TABLES: tuple[str, ...] = (EVENTS_TABLE, DEAD_LETTERS_TABLE, AGGREGATES_TABLE)
+DRIFT_CHECKED_TABLES: tuple[str, ...] = (EVENTS_TABLE, DEAD_LETTERS_TABLE, FRAMES_TABLE, AGGREGATES_TABLE)
 
 assert tuple(n for n, _ in EXPECTED_COLUMNS[EVENTS_TABLE]) == EVENT_COLUMNS
 assert tuple(n for n, _ in EXPECTED_COLUMNS[DEAD_LETTERS_TABLE]) == DEAD_LETTER_COLUMNS
@@ -378,8 +409,11 @@ def applied_migrations(client: Any, database: str) -> dict[int, tuple[str, str]]
     return {int(version): (name, checksum) for version, name, checksum in rows}
 
 
-def migrate(client: Any, database: str, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
-    """Apply the migrations the database lacks, in version order; return the names applied now.
+def migrate(client: Any, database: str, migrations: Sequence[Migration] = MIGRATIONS, *,
+            settings: ClickHouseSettings | None = None) -> list[str]:
+    """Apply the migrations the database lacks, in version order; return the names applied now. With
+    ``settings``, then bring the tables' TTLs to its retention (:func:`apply_retention`); without, TTLs
+    are left as they are.
 
     Raises :class:`MigrationError` when an applied migration's checksum differs from the code's (someone
     edited a released migration) or the database has versions this code does not know (newer code wrote
@@ -413,7 +447,79 @@ def migrate(client: Any, database: str, migrations: Sequence[Migration] = MIGRAT
                       [[migration.version, migration.name, migration.checksum, datetime.now(UTC)]],
                       column_names=["version", "name", "checksum", "applied_at"])
         done.append(migration.name)
+    if settings is not None:
+        apply_retention(client, database, settings)
     return done
+
+
+@dataclass(frozen=True)
+class TTL:
+    """The TTL a table, or one of its columns, should have. ``expression`` is spelled as ClickHouse prints
+    it back in ``system.tables`` (so an unchanged TTL compares equal); None = keep forever."""
+
+    table: str
+    expression: str | None
+    column: str = ""  # a column TTL: the column's value is reset on expiry, the row stays
+
+
+def retention(settings: ClickHouseSettings) -> tuple[TTL, ...]:
+    """The TTLs ``settings`` ask for (see "Retention" in the module docstring)."""
+    return (
+        TTL(EVENTS_TABLE, _expiry("reference_produced_at", settings.events_ttl_days)),
+        TTL(FRAMES_TABLE, _expiry("reference_produced_at", settings.frames_ttl_days)),
+        TTL(AGGREGATES_TABLE, _expiry("window_end", settings.aggregates_ttl_days)),
+        TTL(MINUTES_TABLE, _expiry("minute", settings.aggregates_ttl_days)),
+        TTL(DEAD_LETTERS_TABLE, _expiry("failed_at", settings.dead_letters_ttl_days)),
+        TTL(DEAD_LETTERS_TABLE, _expiry("failed_at", settings.dead_letter_payload_ttl_days), column="payload"),
+    )
+
+
+def _expiry(column: str, days: int) -> str | None:
+    return f"toDateTime({column}) + toIntervalDay({int(days)})" if days > 0 else None
+
+
+def apply_retention(client: Any, database: str, settings: ClickHouseSettings) -> list[str]:
+    """Run the ``ALTER TABLE`` statements that bring the live TTLs to :func:`retention`; return them (``[]``
+    when every TTL already matches). Tables that are not MergeTree are left alone."""
+    done = []
+    for ttl in retention(settings):
+        rows = client.query(
+            "SELECT engine, engine_full, create_table_query FROM system.tables "
+            "WHERE database = {db:String} AND name = {table:String}",
+            parameters={"db": database, "table": ttl.table}).result_rows
+        if not rows or not rows[0][0].endswith("MergeTree"):
+            continue
+        _, engine_full, create = rows[0]
+        live = _column_ttl(create, ttl.column) if ttl.column else _table_ttl(engine_full)
+        if live == ttl.expression:
+            continue
+        statement = _ttl_statement(database, ttl)
+        log.info("retention: %s", statement)
+        client.command(statement)
+        done.append(statement)
+    return done
+
+
+def _table_ttl(engine_full: str) -> str | None:
+    match = re.search(r" TTL (.+?)(?: SETTINGS |$)", engine_full)
+    return match.group(1) if match else None
+
+
+def _column_ttl(create_table_query: str, column: str) -> str | None:
+    """The TTL in ``column``'s definition: it ends at the next column, constraint or index, or the engine."""
+    match = re.search(rf"`{re.escape(column)}` (?:(?!\) ENGINE)[^`])*? TTL (.+?)(?=, `|, [A-Z]+ |\) ENGINE)",
+                      create_table_query)
+    return match.group(1) if match else None
+
+
+def _ttl_statement(database: str, ttl: TTL) -> str:
+    table = f"{quote_identifier(database)}.{quote_identifier(ttl.table)}"
+    if ttl.column:
+        change = f"MODIFY COLUMN {quote_identifier(ttl.column)} " + (
+            f"TTL {ttl.expression}" if ttl.expression else "REMOVE TTL")
+    else:
+        change = f"MODIFY TTL {ttl.expression}" if ttl.expression else "REMOVE TTL"
+    return f"ALTER TABLE {table} {change}"
 
 
 def _check_sequence(migrations: Sequence[Migration]) -> None:
@@ -453,8 +559,9 @@ def drift(client: Any, database: str, tables: Sequence[str] = DRIFT_CHECKED_TABL
 
 
 def check_drift(client: Any, database: str) -> None:
-    """Raise :class:`SchemaDriftError` when ``emotion_events``, ``dead_letters`` or ``emotion_aggregates``
-    differ from the columns this code writes (someone ALTERed them by hand, or migrations were skipped)."""
+    """Raise :class:`SchemaDriftError` when ``emotion_events``, ``dead_letters``, ``emotion_frames`` or
+    ``emotion_aggregates`` differ from the columns this code writes (someone ALTERed them by hand, or
+    migrations were skipped)."""
     differences = drift(client, database)
     if differences:
         raise SchemaDriftError(
@@ -463,17 +570,22 @@ def check_drift(client: Any, database: str) -> None:
             + ". Fix the tables or add a migration in emofleet/sinks/schema.py.", differences)
 
 
-def last_offsets(client: Any, database: str, table: str, topic: str) -> dict[int, int]:
-    """``{partition: highest kafka_offset stored}`` for rows of ``table`` that came from ``topic``.
+def last_offsets(client: Any, database: str, table: str, topic: str, topic_id: str) -> dict[int, int]:
+    """``{partition: highest kafka_offset stored}`` for rows of ``table`` read from this incarnation of
+    ``topic`` (its Kafka topic id).
 
-    The sink resumes each partition at ``offset + 1``; the deduplication token guards the overlap if a
-    batch was stored but its Kafka commit was lost.
+    The sink resumes each partition at ``offset + 1``. Rows of an earlier incarnation (the topic was
+    recreated, or a memory-backed broker restarted) say nothing about the current log, whose offsets start
+    again from 0; with no topic id (a broker that does not report one) nothing is skipped by offset and
+    replays are caught by id instead.
     """
     if table not in (EVENTS_TABLE, DEAD_LETTERS_TABLE, AGGREGATES_TABLE):
         raise ValueError(f"no kafka lineage in table {table!r}")
+    if not topic_id:
+        return {}
     db = quote_identifier(database)
     rows = client.query(
         f"SELECT kafka_partition, max(kafka_offset) FROM {db}.{quote_identifier(table)} "
-        "WHERE kafka_topic = {topic:String} GROUP BY kafka_partition",
-        parameters={"topic": topic}).result_rows
+        "WHERE kafka_topic = {topic:String} AND kafka_topic_id = {topic_id:String} GROUP BY kafka_partition",
+        parameters={"topic": topic, "topic_id": topic_id}).result_rows
     return {int(partition): int(offset) for partition, offset in rows}

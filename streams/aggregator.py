@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from emofleet.streams.config import Settings
+from emofleet.streams.config import Settings, describe
 from emofleet.streams.topics import TopicSpec
 from emofleet.streams.windows import (
     AggregateConfig,
@@ -367,22 +367,6 @@ def _broker_urls(bootstrap_servers: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap_servers.split(",") if server.strip()]
 
 
-def _credentials(settings: Settings) -> Any:
-    kafka = settings.kafka
-    protocol = kafka.security_protocol.upper()
-    if protocol == "PLAINTEXT":
-        return None
-    import ssl
-
-    import faust
-
-    context = ssl.create_default_context() if protocol in {"SSL", "SASL_SSL"} else None
-    if protocol.startswith("SASL"):
-        return faust.SASLCredentials(username=kafka.sasl_username, password=str(kafka.sasl_password),
-                                     mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=context)
-    return faust.SSLCredentials(context)
-
-
 def log_end_offsets(client_config: dict[str, Any], hints: dict[tuple[str, int], int],
                     timeout: float = 10.0) -> dict[tuple[str, int], int]:
     """The true end offset of each partition, read from fetch responses (the end-of-partition event).
@@ -448,19 +432,22 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
     import faust
 
     from emofleet.schemas.codec import SchemaError, make_codec
+    from emofleet.streams.aiokafka_config import aiokafka_options, broker_credentials
     from emofleet.streams.metrics import Metrics
 
     metrics = metrics or Metrics("aggregator")
 
     kafka, agg = settings.kafka, settings.aggregate
     config = AggregateConfig.from_settings(agg, lanes or kafka.partitions)
-    codec = make_codec(kafka.schema_registry_url)
+    client = aiokafka_options(kafka)
+    codec = make_codec(kafka.schema_registry_url, kafka.registry_config)
     data_dir = (settings.data_dir / "aggregator" / agg.app_id).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         agg.app_id,
         broker=_broker_urls(kafka.bootstrap_servers),
-        broker_credentials=_credentials(settings),
+        broker_credentials=broker_credentials(client),
+        broker_client_id=client.client_id or None,
         processing_guarantee="at_least_once",
         store="memory://",
         datadir=str(data_dir),
@@ -611,7 +598,11 @@ def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
         log.error("aiokafka cannot decompress lz4, the compression the processors publish with: install cramjam "
                   "(aiokafka's codec library, `pip install cramjam`)")
         return 2
+    from emofleet.streams.aiokafka_config import aiokafka_options, broker_credentials
+
+    log.info("starting aggregator with settings %s", json.dumps(describe(settings)))
     AggregateConfig.from_settings(settings.aggregate)  # bad window settings fail before anything starts
+    broker_credentials(aiokafka_options(settings.kafka))  # ... and client properties aiokafka cannot honour
     admin = AdminClient(settings.kafka.client_config())
     topics = {status.name: status.partitions for status in ensure_topics(admin, aggregator_topics(settings))}
     if topics[scope_topic(settings)] != topics[changelog_topic(settings)]:
@@ -625,7 +616,10 @@ def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
     app = build_app(settings, lanes=topics[settings.kafka.results_topic], metrics=metrics)
     log.info("aggregate: %s -> %s + %s (app %s)", settings.kafka.results_topic, settings.kafka.aggregates_topic,
              settings.kafka.alerts_topic, settings.aggregate.app_id)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    # override_logging=False: keep the root handler emofleet configured (--log-format, secret masking). faust's
+    # own logging setup would also have dropped its terminal spinner, which writes control codes to stdout.
+    worker = faust.Worker(app, quiet=True, redirect_stdouts=False, override_logging=False)
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     except SystemExit as exit_:

@@ -4,13 +4,20 @@ Every setting has a default that works on the embedded stack. Environment variab
 ``EMOFLEET_<SECTION>_<FIELD>`` (for example ``EMOFLEET_KAFKA_BOOTSTRAP_SERVERS``); flags override them
 through :func:`with_overrides`. Secrets (SASL passwords, ClickHouse passwords) are read from the
 environment only and are masked by ``repr`` so they never reach a log line.
+
+Kafka and Schema Registry client properties pass through as :class:`Properties` (``KafkaSettings.config`` and
+``.registry_config``), each from three variables (``<P>`` = ``EMOFLEET_KAFKA_CONFIG`` or
+``EMOFLEET_KAFKA_REGISTRY_CONFIG``): ``<P>_FILE`` (a properties file, names verbatim), overlaid by
+``<P>__<NAME>`` (one property: ``NAME`` lowercased, ``_`` -> ``.``); or ``<P>`` itself, a JSON object of all
+properties, which replaces both (that is how :func:`to_env` hands them to child processes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -27,6 +34,47 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')" if self else "Secret('')"
+
+
+class Properties(tuple[tuple[str, str], ...]):
+    """Client properties as (name, value) pairs in the order given; secret properties' values are Secrets."""
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, str]]) -> Properties:
+        """Last value per name wins; values of :func:`is_secret_property` names become Secrets."""
+        merged = dict(pairs)
+        return cls((name, Secret(value) if is_secret_property(name) else value) for name, value in merged.items())
+
+    def as_dict(self) -> dict[str, str]:
+        """Plain strings, for a client's configuration."""
+        return {name: str(value) for name, value in self}
+
+
+_SECRET_PROPERTY_ENDINGS = ("password", "passphrase", "secret", "token", "key.pem", "user.info", "jaas.config",
+                            "oauthbearer.config")
+
+
+def is_secret_property(name: str) -> bool:
+    """A client property whose value is a secret: masked in `emofleet config` and in every log line."""
+    return name.lower().replace("_", ".").endswith(_SECRET_PROPERTY_ENDINGS)
+
+
+# Properties that have a setting of their own: one place for each fact (the aggregator reads the settings).
+_KAFKA_PROPERTY_SETTINGS = {
+    "bootstrap.servers": "EMOFLEET_KAFKA_BOOTSTRAP_SERVERS",
+    "metadata.broker.list": "EMOFLEET_KAFKA_BOOTSTRAP_SERVERS",
+    "security.protocol": "EMOFLEET_KAFKA_SECURITY_PROTOCOL",
+    "sasl.mechanism": "EMOFLEET_KAFKA_SASL_MECHANISM",
+    "sasl.mechanisms": "EMOFLEET_KAFKA_SASL_MECHANISM",
+    "sasl.username": "EMOFLEET_KAFKA_SASL_USERNAME",
+    "sasl.password": "EMOFLEET_KAFKA_SASL_PASSWORD",
+    "group.id": "EMOFLEET_KAFKA_PROCESSOR_GROUP / EMOFLEET_KAFKA_SINK_GROUP / EMOFLEET_AGGREGATE_APP_ID",
+    "group.instance.id": "EMOFLEET_KAFKA_GROUP_INSTANCE_ID",
+    "session.timeout.ms": "EMOFLEET_KAFKA_SESSION_TIMEOUT_MS",
+    "heartbeat.interval.ms": "EMOFLEET_KAFKA_HEARTBEAT_INTERVAL_MS",
+    "max.poll.interval.ms": "EMOFLEET_KAFKA_MAX_POLL_INTERVAL_MS",
+}
+_REGISTRY_PROPERTY_SETTINGS = {"url": "EMOFLEET_KAFKA_SCHEMA_REGISTRY_URL"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +98,11 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     group_instance_id: str = ""
+    config: Properties = Properties()  # librdkafka properties for every client, see the module docstring
+    registry_config: Properties = Properties()  # Schema Registry client properties (basic.auth.user.info, ssl.*)
 
     def client_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by every producer, consumer and admin client."""
+        """librdkafka settings shared by every producer, consumer and admin client (``config`` included)."""
         config: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
@@ -63,7 +113,7 @@ class KafkaSettings:
                 "sasl.username": self.sasl_username,
                 "sasl.password": str(self.sasl_password),
             }
-        return config
+        return config | self.config.as_dict()
 
 
 @dataclass(frozen=True)
@@ -118,8 +168,17 @@ class ClickHouseSettings:
     database: str = "emofleet"
     username: str = "default"
     password: Secret = Secret("")
-    batch_rows: int = 20_000
+    batch_rows: int = 20_000  # rows per flush, frame rows included
     batch_seconds: float = 1.0
+    # Frame rows stored per clip; a longer clip is mean-pooled down to this many (sinks/rows.py frame_rows).
+    # 30k = 10 min at 50 frames/s at full resolution; 4 h of audio is then one row per 0.48 s.
+    max_frames_per_clip: int = 30_000
+    # Retention in days, 0 = keep forever; applied by sinks/schema.py migrate() on every sink start.
+    events_ttl_days: int = 30  # emotion_events, by reference_produced_at
+    frames_ttl_days: int = 7  # emotion_frames, by reference_produced_at
+    aggregates_ttl_days: int = 365  # emotion_aggregates (window_end) and emotion_minutes (minute): small rollups
+    dead_letters_ttl_days: int = 90  # dead_letters rows, by failed_at
+    dead_letter_payload_ttl_days: int = 7  # dead_letters.payload emptied after this (the metadata stays)
 
 
 @dataclass(frozen=True)
@@ -187,7 +246,58 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                 changes[item.name] = _parse(key, env[key], _field_type(section, item.name))
         if changes:
             settings = replace(settings, **{section_name: replace(section, **changes)})
-    return settings
+    kafka = settings.kafka
+    return replace(settings, kafka=replace(
+        kafka,
+        config=_properties_from_env(env, f"{ENV_PREFIX}KAFKA_CONFIG", kafka.config, _KAFKA_PROPERTY_SETTINGS),
+        registry_config=_properties_from_env(env, f"{ENV_PREFIX}KAFKA_REGISTRY_CONFIG", kafka.registry_config,
+                                             _REGISTRY_PROPERTY_SETTINGS)))
+
+
+def _properties_from_env(env: Mapping[str, str], variable: str, parsed: Properties,
+                         own_settings: Mapping[str, str]) -> Properties:
+    """``parsed`` (from the JSON ``variable``) when that is set, else ``<variable>_FILE`` overlaid by
+    ``<variable>__<NAME>``; a property that has a setting of its own is refused."""
+    if variable not in env:
+        file_variable = f"{variable}_FILE"
+        from_file = _read_properties(file_variable, Path(env[file_variable])) if env.get(file_variable) else []
+        from_variables = [(_property_name(key, variable), value) for key, value in env.items()
+                          if key.startswith(f"{variable}__")]
+        parsed = Properties.of([*from_file, *from_variables])
+    for name, _ in parsed:
+        if name in own_settings:
+            raise ConfigError(f"{variable}: {name} has a setting of its own: set {own_settings[name]} instead")
+    return parsed
+
+
+def _property_name(key: str, variable: str) -> str:
+    """``EMOFLEET_KAFKA_CONFIG__SSL_CA_LOCATION`` -> ``ssl.ca.location`` (for ``variable`` EMOFLEET_KAFKA_CONFIG)."""
+    return key.removeprefix(f"{variable}__").lower().replace("_", ".")
+
+
+def _read_properties(variable: str, path: Path) -> list[tuple[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{variable}={path}: cannot read it ({error.strerror}); fix the path") from None
+    return _parse_properties(text, f"{variable}={path}")
+
+
+def _parse_properties(text: str, source: str) -> list[tuple[str, str]]:
+    """Java-properties lines ``name=value`` (or ``name: value``), ``#``/``!`` comments; names are kept verbatim.
+
+    Line continuations and escapes are not supported: librdkafka's properties need neither.
+    """
+    pairs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        separator = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if separator < 0 or line.endswith("\\"):
+            raise ConfigError(f"{source} line {number}: expected one name=value per line")
+        pairs.append((line[:separator].strip(), line[separator + 1:].strip()))
+    return pairs
 
 
 def to_env(settings: Settings) -> dict[str, str]:
@@ -203,6 +313,8 @@ def to_env(settings: Settings) -> dict[str, str]:
 def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, Properties):
+        return json.dumps(value.as_dict())
     if isinstance(value, tuple):
         separator = os.pathsep if value and isinstance(value[0], Path) else ","
         return separator.join(str(v) for v in value)
@@ -235,6 +347,8 @@ def _field_type(section: object, name: str) -> Any:
 
 
 def _parse(key: str, raw: str, kind: Any) -> Any:
+    if kind is Properties:
+        return _parse_properties_json(key, raw)  # its own error: the value, which holds secrets, is not echoed
     try:
         if kind is bool:
             lowered = raw.strip().lower()
@@ -258,12 +372,24 @@ def _parse(key: str, raw: str, kind: Any) -> Any:
         raise ConfigError(f"{key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+def _parse_properties_json(key: str, raw: str) -> Properties:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"{key} is not a JSON object of property names to string values; fix or unset it")
+    return Properties.of(value.items())
+
+
 def describe(settings: Settings) -> dict[str, Any]:
     """Settings as plain data with secrets masked, for `emofleet config` and startup logs."""
     return _masked(dataclasses.asdict(settings))
 
 
 def _masked(value: Any) -> Any:
+    if isinstance(value, Properties):
+        return {name: _masked(v) for name, v in value}
     if isinstance(value, dict):
         return {k: _masked(v) for k, v in value.items()}
     if isinstance(value, Secret):

@@ -31,10 +31,19 @@ class Failure:
 def dead_letter(*, key: bytes | None, payload: bytes, headers: Sequence[tuple[str, bytes | None]] | None,
                 lineage: Lineage, failure: Failure, reference: Mapping[str, Any] | None, processor: str,
                 failed_at_ms: int) -> dict[str, Any]:
-    """A DeadLetter record carrying the original bytes and headers, so the message can be replayed."""
-    identity = f"{lineage.topic}|{lineage.partition}|{lineage.offset}|{failure.reason}"
+    """A DeadLetter record carrying the original bytes and headers, so the message can be replayed.
+
+    Its id is the same whenever the same message fails the same way (a redelivery collapses into one row)
+    and differs for another message at the same position: offsets start again from 0 when a topic is
+    recreated, so the position alone would make a new log's failure look like an old one's.
+    """
+    identity = f"{lineage.topic}|{lineage.partition}|{lineage.offset}|{failure.reason}|"
+    digest = hashlib.sha256(identity.encode())
+    digest.update(key or b"")
+    digest.update(b"|")
+    digest.update(payload)
     return {
-        "dead_letter_id": hashlib.sha256(identity.encode()).hexdigest()[:32],
+        "dead_letter_id": digest.hexdigest()[:32],
         "source_topic": lineage.topic,
         "source_partition": lineage.partition,
         "source_offset": lineage.offset,

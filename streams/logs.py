@@ -6,7 +6,8 @@
   there is one) and, where known, the Kafka position and clip of the message being worked on:
   ``topic``, ``partition``, ``offset``, ``audio_id``. Context comes from ``extra={...}`` on the log
   call or from :func:`log_context` / :func:`with_log_context` around the work on one message.
-* Secrets: every ``Secret`` setting and every password inside a URL setting (``redis://:pw@host``) is
+* Secrets: every ``Secret`` setting (secret Kafka / Schema Registry client properties included, see
+  ``streams.config.is_secret_property``) and every password inside a URL setting (``redis://:pw@host``) is
   replaced by ``***`` in every formatted line, whatever logged it (exceptions included). librdkafka's
   own log lines go through the same handler (:func:`kafka_logger`).
 """

@@ -11,11 +11,11 @@ import glob
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 URI_SCHEMES = ("file", "http", "https", "s3")
 MAX_URI_CHARS = 4096
@@ -41,6 +41,43 @@ class InvalidReference(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class PathMapping:
+    """file:// paths under ``source`` (as the producer sees them) are published under ``target`` (as the
+    processors see them), like a container's volume mount ``source:target``."""
+
+    source: PurePosixPath
+    target: PurePosixPath
+
+
+def parse_path_mapping(text: str) -> PathMapping:
+    """``SOURCE:TARGET`` (split at the last colon; TARGET absolute) into a :class:`PathMapping`. A relative
+    SOURCE is the caller's to resolve: :func:`map_file_uri` matches absolute paths."""
+    source, colon, target = text.rpartition(":")
+    if not colon or not source or not target:
+        raise InvalidReference(f"path map {text!r} must be SOURCE:TARGET, e.g. ./audio:/audio")
+    if not target.startswith("/"):
+        raise InvalidReference(f"path map {text!r}: the target {target!r} must be an absolute path")
+    return PathMapping(PurePosixPath(source), PurePosixPath(target))
+
+
+def map_file_uri(uri: str, mappings: Sequence[PathMapping]) -> str:
+    """``uri`` with its path moved by the mapping with the longest matching source; other schemes unchanged.
+
+    With mappings given, a file:// path under none of them is an error: the processors could not read it.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or not mappings:
+        return uri
+    path = PurePosixPath(unquote(parsed.path))
+    matching = [m for m in mappings if path.is_relative_to(m.source)]
+    if not matching:
+        raise InvalidReference(f"{path} is under none of the mapped directories "
+                               f"({', '.join(str(m.source) for m in mappings)})")
+    mapping = max(matching, key=lambda m: len(m.source.parts))
+    return (mapping.target / path.relative_to(mapping.source)).as_uri()
+
+
 def audio_id_for(uri: str) -> str:
     """A stable id for a URI, so re-enqueueing the same file yields the same audio_id."""
     return str(uuid.uuid5(_AUDIO_ID_NAMESPACE, uri))
@@ -62,15 +99,16 @@ def validate_uri(uri: str) -> str:
 
 
 def make_reference(raw: Mapping[str, Any], *, defaults: Mapping[str, str | None] | None = None,
-                   now_ms: int | None = None) -> dict[str, Any]:
-    """Validate one raw item (a manifest row or a path's fields) into an AudioReference record."""
+                   now_ms: int | None = None, path_map: Sequence[PathMapping] = ()) -> dict[str, Any]:
+    """Validate one raw item (a manifest row or a path's fields) into an AudioReference record; file://
+    URIs are moved by ``path_map`` first, so the audio id is that of the URI the processors read."""
     unknown = set(raw) - {"uri", "audio_id", "content_type", "attributes", *METADATA_FIELDS}
     if unknown:
         raise InvalidReference(f"unknown field(s): {', '.join(sorted(unknown))}")
     uri = raw.get("uri")
     if not isinstance(uri, str):
         raise InvalidReference("missing 'uri'")
-    uri = validate_uri(uri.strip())
+    uri = map_file_uri(validate_uri(uri.strip()), path_map)
     audio_id = raw.get("audio_id") or audio_id_for(uri)
     reference: dict[str, Any] = {
         "audio_id": _bounded_text("audio_id", audio_id),
@@ -96,7 +134,7 @@ def message_key(reference: Mapping[str, Any]) -> bytes:
 
 
 def references_from_paths(patterns: Iterable[str], *, defaults: Mapping[str, str | None] | None = None,
-                          ) -> Iterator[dict[str, Any] | ItemError]:
+                          path_map: Sequence[PathMapping] = ()) -> Iterator[dict[str, Any] | ItemError]:
     """Local files, directories (recursively, audio extensions) and globs as file:// references."""
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -108,22 +146,23 @@ def references_from_paths(patterns: Iterable[str], *, defaults: Mapping[str, str
                 files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
                 if not files:
                     yield ItemError(match, "directory holds no audio files")
-                yield from (_path_reference(f, defaults) for f in files)
+                yield from (_path_reference(f, defaults, path_map) for f in files)
             else:
-                yield _path_reference(path, defaults)
+                yield _path_reference(path, defaults, path_map)
 
 
-def _path_reference(path: Path, defaults: Mapping[str, str | None] | None) -> dict[str, Any] | ItemError:
+def _path_reference(path: Path, defaults: Mapping[str, str | None] | None,
+                    path_map: Sequence[PathMapping]) -> dict[str, Any] | ItemError:
     if not path.is_file():
         return ItemError(str(path), "no such file" if not path.exists() else "not a regular file")
     try:
-        return make_reference({"uri": path.resolve().as_uri()}, defaults=defaults)
+        return make_reference({"uri": path.resolve().as_uri()}, defaults=defaults, path_map=path_map)
     except InvalidReference as error:
         return ItemError(str(path), str(error))
 
 
 def references_from_manifest(path: Path, *, defaults: Mapping[str, str | None] | None = None,
-                             ) -> Iterator[dict[str, Any] | ItemError]:
+                             path_map: Sequence[PathMapping] = ()) -> Iterator[dict[str, Any] | ItemError]:
     """Rows of a .jsonl or .csv manifest; each row is validated on its own."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".csv"):
@@ -136,7 +175,7 @@ def references_from_manifest(path: Path, *, defaults: Mapping[str, str | None] |
                 yield ItemError(label, row.reason)
                 continue
             try:
-                yield make_reference(row, defaults=defaults)
+                yield make_reference(row, defaults=defaults, path_map=path_map)
             except InvalidReference as error:
                 yield ItemError(label, str(error))
 

@@ -55,3 +55,25 @@ def partition_counts(admin: AdminClient, names: list[str], timeout: float = 10.0
     """Partition count per topic, read from cluster metadata (all topics, so nothing is auto-created)."""
     metadata = admin.list_topics(timeout=timeout)
     return {name: len(metadata.topics[name].partitions) for name in names if name in metadata.topics}
+
+
+NO_TOPIC_ID = "AAAAAAAAAAAAAAAAAAAAAA"  # Kafka's zero Uuid, base64: "no id" from brokers that keep none
+
+
+def topic_ids(admin: AdminClient, names: list[str], timeout: float = 10.0) -> dict[str, str]:
+    """Kafka's id of each topic's current incarnation (new when a topic is recreated, or a memory-backed
+    broker restarts); ``""`` where the broker reports none or the topic does not exist."""
+    from confluent_kafka import TopicCollection
+
+    try:
+        futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
+    except KafkaException:
+        return dict.fromkeys(names, "")
+    ids: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            topic_id = str(future.result().topic_id)
+        except KafkaException:
+            topic_id = ""
+        ids[name] = "" if topic_id == NO_TOPIC_ID else topic_id
+    return ids

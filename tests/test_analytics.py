@@ -18,8 +18,11 @@ from emofleet.sinks.analytics import (
     Report,
     build_report,
     format_report,
+    parse_time_bound,
     plot_report,
+    plot_title,
     render_rows,
+    time_axis_limits,
 )
 from emofleet.sinks.clickhouse import connect, insert_rows
 from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
@@ -158,6 +161,47 @@ def test_since_and_hour_buckets(client: Any) -> None:
     assert since.cache == {"clips": 6, "hits": 2, "hit_rate": 2 / 6}  # by processed_at: l2-b counts again
     with pytest.raises(ValueError, match="bucket"):
         build_report(direct_runner(client), DB, None, bucket="week")
+
+
+def test_until_is_exclusive_and_combines_with_since(client: Any) -> None:
+    window = build_report(direct_runner(client), DB, T0_DT + timedelta(seconds=30),
+                          until=T0_DT + timedelta(minutes=1, seconds=6), min_clips=1)
+    assert window.totals["clips"] == 4  # l2-a, l2-b, l2-c, l1-c; l1-d at exactly `until` is out
+    assert {r["label"]: r["clips"] for r in window.distribution} == {"angry": 2, "neutral": 1, "happy": 1}
+    assert [r["events"] for r in window.throughput] == [2]  # by processed_at: l2-a, l2-c (l2-b moved to 5:00)
+    assert window.dead_letters == []
+    until_only = build_report(direct_runner(client), DB, None, until=T0_DT + timedelta(minutes=2))
+    assert until_only.totals["clips"] == 7 and [r["count"] for r in until_only.dead_letters] == [3]
+    header = format_report(window).splitlines()[0]
+    assert "since 2024-03-01 10:00:30Z until 2024-03-01 10:01:06Z" in header
+    assert window.to_dict()["until"] == "2024-03-01T10:01:06+00:00"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("15m", NOW - timedelta(minutes=15)), ("2h", NOW - timedelta(hours=2)), ("7d", NOW - timedelta(days=7)),
+    ("30s", NOW - timedelta(seconds=30)), ("1w", NOW - timedelta(weeks=1)),
+    ("2024-03-01", datetime(2024, 3, 1, tzinfo=UTC)),
+    ("2024-03-01T10:30:00Z", datetime(2024, 3, 1, 10, 30, tzinfo=UTC)),
+    ("2024-03-01 12:30+02:00", datetime(2024, 3, 1, 10, 30, tzinfo=UTC)),
+])
+def test_parse_time_bound(text: str, expected: datetime) -> None:
+    assert parse_time_bound(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "15", "-2h", "2 hours", ""])
+def test_parse_time_bound_rejects_other_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="relative time"):
+        parse_time_bound(text, NOW)
+
+
+def test_plot_title_and_time_axes_follow_the_data(report: Report) -> None:
+    assert plot_title(report) == ("emofleet report: 10 clips from 4 source(s), audio produced "
+                                  "2024-03-01 10:00:10Z .. 2024-03-01 10:02:03Z")  # no database name
+    one = [T0_DT]  # a lone bucket: a minute wide, not years
+    assert time_axis_limits(one, "minute") == (T0_DT - timedelta(seconds=30), T0_DT + timedelta(seconds=30))
+    buckets = [r["bucket"] for r in report.throughput]
+    assert time_axis_limits(buckets, "minute") == (T0_DT - timedelta(seconds=30),
+                                                    T0_DT + timedelta(minutes=5, seconds=30))
 
 
 def test_format_report_prints_every_section(report: Report) -> None:

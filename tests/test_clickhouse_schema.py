@@ -66,8 +66,9 @@ def _count(client: Any, sql: str, **parameters: Any) -> int:
 
 
 def _insert_events(client: Any, events: list[dict], *, topic: str = "results", partition: int = 0,
-                   first_offset: int = 0, token: str | None = None, database: str = DB) -> None:
-    rows = [event_row(e, topic, partition, first_offset + i, NOW) for i, e in enumerate(events)]
+                   first_offset: int = 0, token: str | None = None, database: str = DB,
+                   topic_id: str = "incarnation-1") -> None:
+    rows = [event_row(e, topic, partition, first_offset + i, NOW, topic_id) for i, e in enumerate(events)]
     insert_rows(client, database, "emotion_events", EVENT_COLUMNS, rows, dedup_token=token)
 
 
@@ -177,7 +178,7 @@ def test_dead_letters_round_trip_with_raw_bytes(client: Any) -> None:
                sample_dead_letter(offset=2, failed_at_ms=T0 + 1, key=None, headers=(), reason="malformed",
                                   stage="decode")]
     records = [codec.decode("dead_letter", codec.encode("dead_letter", r, topic="d"), topic="d") for r in records]
-    rows = [dead_letter_row(r, "dead", 1, 40 + i, NOW) for i, r in enumerate(records)]
+    rows = [dead_letter_row(r, "dead", 1, 40 + i, NOW, "dead-1") for i, r in enumerate(records)]
     insert_rows(client, DB, "dead_letters", DEAD_LETTER_COLUMNS, rows, dedup_token="dl-rt")
     back = client.query(f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM emo.dead_letters "
                         "WHERE kafka_topic = 'dead' ORDER BY kafka_offset",
@@ -188,7 +189,7 @@ def test_dead_letters_round_trip_with_raw_bytes(client: Any) -> None:
     assert first["failed_at"] == millis_to_datetime(T0) and first["audio_id"] == b"dl-a"
     assert second["key"] is None and second["headers"] == [] and second["audio_id"] == b""
     assert second["reason"] == b"malformed" and second["kafka_offset"] == 41
-    assert last_offsets(client, DB, "dead_letters", "dead") == {1: 41}
+    assert last_offsets(client, DB, "dead_letters", "dead", "dead-1") == {1: 41}
 
 
 def test_event_row_is_fast() -> None:
@@ -217,7 +218,16 @@ def test_dedup_token_drops_a_repeated_insert_without_final(client: Any) -> None:
     assert _count(client, mv) == 3  # the materialized view skipped the duplicate too
     _insert_events(client, events, topic="dd", token="dd:0:3-5")  # another token: stored (collapses on merge)
     assert _count(client, count) == 6
-    assert last_offsets(client, DB, "emotion_events", "dd") == {0: 2}
+    assert last_offsets(client, DB, "emotion_events", "dd", "incarnation-1") == {0: 2}
+
+
+def test_resume_positions_belong_to_one_incarnation_of_the_topic(client: Any) -> None:
+    """A recreated topic numbers offsets from 0 again: the old log's rows must not hide the new log's."""
+    old = [e for i in range(3) for e in sample_events(audio_id=f"inc-old-{i}", source="inc", produced_at_ms=T0 + i)]
+    _insert_events(client, old, topic="inc", first_offset=10, token="inc-old", topic_id="old-id")
+    assert last_offsets(client, DB, "emotion_events", "inc", "old-id") == {0: 12}
+    assert last_offsets(client, DB, "emotion_events", "inc", "new-id") == {}
+    assert last_offsets(client, DB, "emotion_events", "inc", "") == {}  # no id from the broker: no skipping
 
 
 def test_replacing_merge_tree_keeps_the_latest_processing_of_an_event(client: Any) -> None:

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from emofleet.streams.references import (
-    MAX_ATTRIBUTES, InvalidReference, ItemError, make_reference, message_key, references_from_manifest,
-    references_from_paths,
+    MAX_ATTRIBUTES, InvalidReference, ItemError, PathMapping, audio_id_for, make_reference, map_file_uri, message_key,
+    parse_path_mapping, references_from_manifest, references_from_paths,
 )
 
 
@@ -96,3 +96,56 @@ def test_message_key_groups_a_call_and_falls_back_to_audio_id() -> None:
 
     assert message_key(a) == message_key(b) == b"acme/call-7"
     assert message_key(c) == c["audio_id"].encode()
+
+
+# ------------------------------------------------------------------------------------------ --path-map
+
+AUDIO = [PathMapping(PurePosixPath("/home/me/audio"), PurePosixPath("/audio")),
+         PathMapping(PurePosixPath("/home/me/audio/vip"), PurePosixPath("/vip"))]
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("file:///home/me/audio/a.wav", "file:///audio/a.wav"),
+    ("file:///home/me/audio/2026/11/b%20c.wav", "file:///audio/2026/11/b%20c.wav"),  # encoding kept
+    ("file:///home/me/audio/vip/x.wav", "file:///vip/x.wav"),  # the longest matching directory wins
+    ("s3://bucket/home/me/audio/a.wav", "s3://bucket/home/me/audio/a.wav"),  # only file:// moves
+])
+def test_map_file_uri_moves_paths_into_the_target(uri: str, expected: str) -> None:
+    assert map_file_uri(uri, AUDIO) == expected
+
+
+def test_map_file_uri_refuses_paths_outside_every_mapping() -> None:
+    assert map_file_uri("file:///elsewhere/a.wav", []) == "file:///elsewhere/a.wav", "no mapping, no change"
+    with pytest.raises(InvalidReference, match="under none of the mapped directories"):
+        map_file_uri("file:///home/me/audio2/a.wav", AUDIO)  # a prefix of the name is not the directory
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("/srv/audio:/audio", PathMapping(PurePosixPath("/srv/audio"), PurePosixPath("/audio"))),
+    ("./audio:/audio", PathMapping(PurePosixPath("audio"), PurePosixPath("/audio"))),
+    ("/mnt/a:b:/audio", PathMapping(PurePosixPath("/mnt/a:b"), PurePosixPath("/audio"))),
+])
+def test_parse_path_mapping(text: str, expected: PathMapping) -> None:
+    assert parse_path_mapping(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [("/audio", "SOURCE:TARGET"), (":/audio", "SOURCE:TARGET"),
+                                               ("./audio:audio", "absolute")])
+def test_parse_path_mapping_errors(text: str, message: str) -> None:
+    with pytest.raises(InvalidReference, match=message):
+        parse_path_mapping(text)
+
+
+def test_paths_and_manifests_publish_the_mapped_uri_and_its_audio_id(tmp_path: Path) -> None:
+    (tmp_path / "calls").mkdir()
+    (tmp_path / "calls" / "a.wav").write_bytes(b"x")
+    manifest = tmp_path / "refs.jsonl"
+    manifest.write_text(json.dumps({"uri": (tmp_path / "calls" / "b.wav").as_uri()}) + "\n")
+    path_map = [PathMapping(PurePosixPath(tmp_path.resolve()), PurePosixPath("/audio"))]
+
+    (from_path,) = references_from_paths([str(tmp_path / "calls")], path_map=path_map)
+    (from_manifest,) = references_from_manifest(manifest, path_map=path_map)
+
+    assert from_path["uri"] == "file:///audio/calls/a.wav"
+    assert from_path["audio_id"] == audio_id_for("file:///audio/calls/a.wav"), "the id of what processors read"
+    assert from_manifest["uri"] == "file:///audio/calls/b.wav"

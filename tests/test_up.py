@@ -38,3 +38,47 @@ def test_up_puts_every_clip_in_clickhouse_exactly_once(tmp_path: Path, unique: s
     finally:
         client.close()
     assert (clips, ids, dead) == (500, 500, 0)
+
+
+# ------------------------------------------------------------------------------------ supervisor and tracker
+
+
+def test_supervisor_restarts_with_backoff_and_reports_a_crash_loop(tmp_path: Path) -> None:
+    from emofleet.up import CrashLoopError, Supervisor
+
+    said: list[str] = []
+    crash = [sys.executable, "-c", "import sys; print('boom: bad setting'); sys.exit(3)"]
+    supervisor = Supervisor({"worker": crash}, dict(os.environ), tmp_path, notify=said.append,
+                            crash_loop_exits=3, max_backoff_seconds=0.0)
+    supervisor.start()
+    with pytest.raises(CrashLoopError) as caught:
+        while True:
+            supervisor.check()
+            supervisor.children["worker"].wait(10)
+    assert "worker exited 3 times in a row" in str(caught.value) and "last exit code 3" in str(caught.value)
+    assert "boom: bad setting" in caught.value.tail
+    assert said == [f"worker exited with code 3; restarting in 0s (log: {tmp_path / 'worker.log'})"] * 2
+    assert supervisor.restarts == 2
+
+
+def test_run_tracker_counts_each_reference_once_and_tells_earlier_runs_apart() -> None:
+    from emofleet.up import RunTracker
+
+    tracker = RunTracker({("a", 1), ("b", 1), ("c", 1), ("d", 1)}, started_ms=1_000)
+    event = {"audio_id": "a", "reference_produced_at": 1, "segment_index": -1, "event_id": "ea"}
+    assert tracker.observe_event(event)
+    assert not tracker.observe_event(event)  # a processor replay of the same result
+    assert not tracker.observe_event(event | {"segment_index": 0})  # a window, not the whole clip
+    assert not tracker.observe_event(event | {"reference_produced_at": 2})  # another run's reference
+    assert tracker.observe_event({"audio_id": "b", "reference_produced_at": 1, "segment_index": -1,
+                                  "event_id": "eb"})
+    assert tracker.observe_dead_letter({"dead_letter_id": "dc", "reason": "not_audio"},
+                                       {"audio_id": "c", "produced_at": 1})
+    assert tracker.unconfirmed() == ({"ea": ("a", 1), "eb": ("b", 1)}, {"dc": ("c", 1)})
+
+    tracker.confirm(("a", 1), first_inserted_ms=1_500)
+    tracker.confirm(("b", 1), first_inserted_ms=500)  # stored before this run started
+    tracker.confirm(("c", 1), first_inserted_ms=1_600)
+    assert not tracker.done and tracker.seen == 3
+    assert tracker.summary() == ("3/4 references stored in ClickHouse: 1 new results, 1 already stored by an "
+                                 "earlier run, 1 dead letters (not_audio: 1), 1 not stored (1 without any result)")
