@@ -1,3 +1,1 @@
-"""emofleet: speech-emotion analytics at scale."""
-
-__version__ = "0.1.0"
+"""emofleet: speech-emotion analytics at scale. The version lives in pyproject.toml only."""

@@ -44,8 +44,9 @@ def _with_embedded_stack(settings: cfg.Settings, env: dict[str, str]) -> cfg.Set
     state = LocalStack(settings.data_dir, settings.cache.redis_url).read_state()
     if state is None:
         return settings
-    if f"{cfg.ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS" not in env:
-        settings = cfg.with_overrides(settings, kafka__bootstrap_servers=state.bootstrap_servers)
+    if f"{cfg.ENV_PREFIX}KAFKA_BOOTSTRAP_SERVERS" not in env:  # the embedded Tansu: see streams/consumer.py let_go
+        settings = cfg.with_overrides(settings, kafka__bootstrap_servers=state.bootstrap_servers,
+                                      kafka__leave_group_on_close=False)
     if f"{cfg.ENV_PREFIX}CACHE_REDIS_URL" not in env:
         settings = cfg.with_overrides(settings, cache__redis_url=state.redis_url)
     return settings
@@ -167,7 +168,7 @@ def _start_backend(base: cfg.Settings, stack: contextlib.ExitStack) -> cfg.Setti
         state = LocalStack(base.data_dir, base.cache.redis_url).start()
         print(f"stack up: broker {state.bootstrap_servers}, redis {state.redis_url}, chdb {state.chdb_path}")
         return cfg.with_overrides(base, kafka__bootstrap_servers=state.bootstrap_servers,
-                                  cache__redis_url=state.redis_url)
+                                  cache__redis_url=state.redis_url, kafka__leave_group_on_close=False)
     endpoints = external_endpoints() if backend == "external" else stack.enter_context(containers())
     print(f"{backend} backend: broker {endpoints.bootstrap_servers}, clickhouse {endpoints.clickhouse_dsn}")
     return cfg.with_overrides(base, kafka__bootstrap_servers=endpoints.bootstrap_servers,
@@ -328,7 +329,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level, settings)
     from emofleet.streams.aggregator import run_aggregator
 
-    return run_aggregator(settings, args.log_level)
+    return run_aggregator(settings)
 
 
 def _query_runner(settings: cfg.Settings) -> tuple[Any, Callable[[], None]]:

@@ -56,7 +56,8 @@ def build_processor(settings: Settings, model: EmotionModel | None = None, metri
 
     loop = ConsumerLoop(consumer_config(settings.kafka, settings.kafka.processor_group),
                         [settings.kafka.audio_topic], strategy, settings.batch, metrics=metrics,
-                        lag_interval=settings.observability.lag_interval_seconds)
+                        lag_interval=settings.observability.lag_interval_seconds,
+                        leave_group=settings.kafka.leave_group_on_close)
     return Processor(loop, steps[0], metrics)
 
 

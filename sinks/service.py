@@ -60,7 +60,7 @@ from emofleet.sinks.rows import (AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_C
 from emofleet.sinks.schema import (AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, FRAMES_TABLE, last_offsets,
                                    quote_identifier)
 from emofleet.streams.config import Settings
-from emofleet.streams.consumer import consumer_config
+from emofleet.streams.consumer import consumer_config, let_go
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
 from emofleet.streams.logs import kafka_logger
 from emofleet.streams.metrics import LagMonitor, Metrics
@@ -258,7 +258,8 @@ class ClickHouseSink:
             raise
         finally:
             self._producer.flush(10)
-            self._consumer.close()
+            consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
+            let_go(consumer, leave_group=self._settings.kafka.leave_group_on_close)
 
     def _observe(self) -> None:
         """Gauges, lag and the liveness heartbeat, once per turn of the loop."""

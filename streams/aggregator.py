@@ -49,6 +49,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field, replace
@@ -462,6 +463,9 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         consumer_auto_offset_reset="earliest",
+        # aiokafka sends LeaveGroup on stop unless the member is static; where LeaveGroup is unsafe (Tansu,
+        # see streams/consumer.py let_go) the worker is a static member named after its app and host.
+        consumer_group_instance_id=None if kafka.leave_group_on_close else f"{agg.app_id}@{socket.gethostname()}",
         key_serializer="raw",
         value_serializer="raw",
     )
@@ -585,7 +589,7 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
     return app
 
 
-def run_aggregator(settings: Settings, loglevel: str = "info") -> int:
+def run_aggregator(settings: Settings) -> int:
     """Create the topics, then run one faust worker until SIGTERM/SIGINT (commit on the way out)."""
     import faust
     from confluent_kafka.admin import AdminClient

@@ -98,6 +98,9 @@ class KafkaSettings:
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     group_instance_id: str = ""
+    # False only for brokers that mishandle LeaveGroup (the embedded Tansu: tests/test_tansu_group.py): members
+    # then go without close(), and the coordinator evicts them after session_timeout_ms.
+    leave_group_on_close: bool = True
     config: Properties = Properties()  # librdkafka properties for every client, see the module docstring
     registry_config: Properties = Properties()  # Schema Registry client properties (basic.auth.user.info, ssl.*)
 

@@ -92,15 +92,29 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
     return config | overrides
 
 
+def let_go(consumer: Consumer, *, leave_group: bool) -> None:
+    """End a consumer after its last commit. Hand over its last reference: nothing else may keep it alive.
+
+    With ``leave_group`` it closes (LeaveGroup: the group rebalances at once). Without, the handle is
+    destroyed when this returns, without the consumer close (confluent-kafka's destructor skips it), and the
+    coordinator evicts the member after session.timeout.ms: the one safe way to leave a Tansu group, whose
+    coordinator keeps a departed leader forever when it leaves mid-rebalance (tests/test_tansu_group.py).
+    """
+    if leave_group:
+        consumer.close()
+
+
 class ConsumerLoop:
     def __init__(self, config: dict[str, Any], topics: list[str],
                  strategy_factory: Callable[[Reporter, Callable[[TP, int], bool]], Strategy],
-                 batch: BatchSettings, *, metrics: Metrics | None = None, lag_interval: float = 5.0) -> None:
+                 batch: BatchSettings, *, metrics: Metrics | None = None, lag_interval: float = 5.0,
+                 leave_group: bool = True) -> None:
         self.metrics = metrics or Metrics("processor")
         self._commit_timer = CommitTimer(self.metrics)
         self._consumer = Consumer(config | {"on_commit": self._commit_timer.on_commit})
         self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, lag_interval)
         self._topics = topics
+        self._leave_group = leave_group
         self._batch = batch
         self._settled: queue.SimpleQueue[Settled] = queue.SimpleQueue()
         self._tracker = OffsetTracker()
@@ -286,4 +300,5 @@ class ConsumerLoop:
             self._drain_settled()
             self._commit(asynchronous=False)
         finally:
-            self._consumer.close()
+            consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
+            let_go(consumer, leave_group=self._leave_group)

@@ -107,7 +107,7 @@ class Metrics:
     """All metrics of one process (``service`` = processor, sink or aggregator), in its own registry."""
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
-        from emofleet import __version__
+        from importlib.metadata import version
 
         if service not in SERVICES:
             raise ValueError(f"service {service!r}: use one of {', '.join(SERVICES)}")
@@ -121,7 +121,7 @@ class Metrics:
         sink = self.registry if service == "sink" else None
 
         Gauge("emofleet_build_info", "emofleet version of this process", ["service", "version"],
-              registry=everyone).labels(service, __version__).set(1)
+              registry=everyone).labels(service, version("emofleet")).set(1)
         self.messages_in = Counter("emofleet_messages_in_total", "Messages consumed from Kafka", ["topic"],
                                    registry=everyone)
         self.messages_out = Counter("emofleet_messages_out_total", "Messages delivered to Kafka (events, dead letters)",

@@ -84,7 +84,7 @@ def unique(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def settings(endpoints: Endpoints, unique: str, tmp_path: Path) -> Settings:
+def settings(endpoints: Endpoints, backend: str, unique: str, tmp_path: Path) -> Settings:
     kafka_bootstrap, redis_url = endpoints.bootstrap_servers, endpoints.redis_url
     base = Settings()
     kafka = KafkaSettings(
@@ -100,6 +100,7 @@ def settings(endpoints: Endpoints, unique: str, tmp_path: Path) -> Settings:
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
         schema_registry_url=endpoints.schema_registry_url,
+        leave_group_on_close=backend != "embedded",  # Tansu mishandles LeaveGroup: tests/test_tansu_group.py
     )
     clickhouse = base.clickhouse
     if endpoints.clickhouse_dsn:  # a shared server or path: a database of the test's own

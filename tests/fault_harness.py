@@ -683,7 +683,8 @@ def campaign_settings(base: Settings, *, bootstrap: str, redis_url: str, name: s
         bootstrap_servers=bootstrap, audio_topic=f"{name}.audio", results_topic=f"{name}.emotions",
         dead_letter_topic=f"{name}.dead-letters", alerts_topic=f"{name}.alerts",
         aggregates_topic=f"{name}.aggregates", partitions=6, processor_group=f"{name}.processors",
-        sink_group=f"{name}.sink", session_timeout_ms=3000, heartbeat_interval_ms=500)
+        sink_group=f"{name}.sink", session_timeout_ms=3000, heartbeat_interval_ms=500,
+        leave_group_on_close=False)  # always Tansu here: tests/test_tansu_group.py
     return replace(
         base, data_dir=data_dir, kafka=kafka,
         audio=replace(AudioSettings(), file_roots=(file_root,), http_hosts=(http_host.split(":")[0],),

