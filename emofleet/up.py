@@ -35,11 +35,12 @@ from emofleet.sinks.query_server import QueryError, QueryRunner
 from emofleet.streams.config import Settings, to_env
 
 RunKey = tuple[str, int]  # (audio_id, produced_at ms): one reference of this run
-LOG_TAIL_LINES = 20
+LOG_TAIL_LINES = 12
+LOG_LINE_CHARS = 300  # a startup line carries all settings: the tail shows its start
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a child's log ('' when there is none)."""
+    """The last ``lines`` lines of a child's log, each cut at ``LOG_LINE_CHARS`` ('' when there is none)."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -47,7 +48,8 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    return "\n".join(line if len(line) <= LOG_LINE_CHARS else line[:LOG_LINE_CHARS] + " ..."
+                     for line in text.splitlines()[-lines:])
 
 
 class CrashLoopError(RuntimeError):
