@@ -83,11 +83,11 @@ import torch
 from emofleet.processors.batching import plan_batches
 from emofleet.processors.model import native_cpu_bf16
 from emofleet.samples import synth_clip
+from emofleet.schemas.emotions import SAMPLE_RATE
 from emofleet.streams.config import ModelSettings
 
 from harness import log, machine_line, markdown_table, median
 
-SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 50
 CACHE_ROOT = Path.home() / ".cache" / "emofleet" / "bench"
 BASELINE = "funasr generate per clip (fp32)"

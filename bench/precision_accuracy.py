@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from emofleet.processors.batching import plan_batches
-from emofleet.processors.model import EMOTIONS, EmotionModel
+from emofleet.processors.model import EmotionModel
+from emofleet.schemas.emotions import EMOTIONS, SAMPLE_RATE
 
 from harness import log, machine_line, markdown_table
-from inference import (ACCURACY_MAX_ABS_DIFF, ACCURACY_MIN_TOP1, SAMPLE_RATE, cpu_features, load,
-                       make_clips, model_directory)
+from inference import (ACCURACY_MAX_ABS_DIFF, ACCURACY_MIN_TOP1, cpu_features, load, make_clips,
+                       model_directory)
 
 
 def scores_of(model: EmotionModel, clips: list[np.ndarray], plan: list[list[int]]) -> np.ndarray:

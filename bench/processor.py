@@ -25,7 +25,7 @@ Rounds interleave the rows (order alternates); tables show medians.
 
 Targets: ``--model tiny``: processor >= 3x the naive loop. ``--model large-shape`` (the real
 emotion2vec_plus_large architecture, random weights): >= 90% of the processor's wall time inside
-the model forward (StageTimes.model / wall).
+the model forward (the model stage's emofleet_stage_seconds / wall).
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ from confluent_kafka.admin import AdminClient
 
 from emofleet.samples import write_samples
 from emofleet.schemas.codec import make_codec
+from emofleet.schemas.emotions import SAMPLE_RATE
 from emofleet.streams.config import BatchSettings, ModelSettings, Settings
 from emofleet.streams.consumer import consumer_config
+from emofleet.streams.metrics import Metrics
 from emofleet.streams.producer import AudioReferenceProducer, idempotent_producer_config
 from emofleet.streams.references import make_reference
 
@@ -217,6 +219,16 @@ def timed_pipeline(settings: Settings, uris: list[str], timeout: float,
     return watcher.done_at - started, watcher.first_at - started, started, watcher
 
 
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """One sample of the processor's Prometheus metrics (0 when never recorded)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def stage_seconds(metrics: Metrics, stage: str) -> float:
+    """Seconds spent in ``stage``, summed over every thread that ran it."""
+    return sample(metrics, "emofleet_stage_seconds_sum", stage=stage)
+
+
 def run_processor(name: str, settings: Settings, model, uris: list[str], timeout: float,  # type: ignore[no-untyped-def]
                   forwards: list[int]) -> RunResult:
     from emofleet.processors.service import build_processor
@@ -238,11 +250,12 @@ def run_processor(name: str, settings: Settings, model, uris: list[str], timeout
         partitions = settings.kafka.partitions
         wait_for(lambda: len(processor.loop.assigned) >= partitions, 30, "the processor's assignment")
         wall, first_result, started, watcher = timed_pipeline(settings, uris, timeout)
-        times = processor.step.times
-        stages = {"fetch_decode": times.fetch_decode, "cache": times.cache, "model": times.model,
-                  "produce": times.produce}
-        counts = {"batches": times.batches, "forwards": forwards[0], "clips": times.clips,
-                  "cache hits": processor.step.cache.stats.hits}
+        metrics = processor.metrics
+        stages = {"fetch_decode": stage_seconds(metrics, "fetch") + stage_seconds(metrics, "decode"),
+                  **{stage: stage_seconds(metrics, stage) for stage in ("cache", "model", "produce")}}
+        counts = {"batches": int(sample(metrics, "emofleet_batch_clips_count")), "forwards": forwards[0],
+                  "clips": int(sample(metrics, "emofleet_model_batch_windows_sum")),
+                  "cache hits": int(sample(metrics, "emofleet_cache_hits_total"))}
         hits = sum(1 for e in watcher.whole.values() if e["cache_hit"])
     finally:
         processor.loop.stop()
@@ -409,7 +422,7 @@ def main() -> None:
         # Warm both inference paths once (kernels, allocator, funasr's first-call setup): not timed.
         import numpy as np
 
-        sample = np.zeros(int(min_s * 16_000), dtype=np.float32) + 0.01
+        sample = np.zeros(int(min_s * SAMPLE_RATE), dtype=np.float32) + 0.01
         model.predict([sample, sample])
         model.predict_reference(sample)
 
@@ -470,7 +483,7 @@ def report(model: str, clips: int, audio_seconds: float, min_s: float, max_s: fl
                           "fetch wait s (not in seconds)", "refs/s per round"], rows))
 
     print("\nTime split, fraction of each run's wall time (median over rounds). Processor stages are "
-          "StageTimes: fetch_decode is summed over the fetch pool's threads and overlaps the others; "
+          "emofleet_stage_seconds sums: fetch_decode (fetch + decode) is summed over the fetch pool's threads and overlaps the others; "
           "cache, model and produce run serially on the inference thread. batches = gathered batches, "
           "forwards = batched model forwards the planner cut them into.\n")
     split_rows = []

@@ -6,7 +6,7 @@ One process, one embedded Tansu broker, ONE chDB data path for the whole run (ch
 process); every run gets a fresh database, migrated with ``sinks.schema.migrate`` (so the events table
 has its materialized view and deduplication window, as in production), dropped afterwards.
 
-The same N EmotionEvents (made by the processors' own ``emotion_events`` via ``sinks.samples``, a mix of
+The same N EmotionEvents (made by the processors' own ``emotion_events`` via ``tests/sink_samples.py``, a mix of
 one-window clips and 3-window clips with their whole-clip summary, tenants, sources, call ids,
 attributes) are Avro-encoded like the processors do and produced once to a results topic (not timed).
 The bench reads them back once (not timed) to know each message's exact bytes and Kafka position.
@@ -42,16 +42,19 @@ import argparse
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from emofleet.schemas.codec import make_codec
+from emofleet.schemas.emotions import EMOTIONS
 from emofleet.sinks import service as sink_service
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.rows import EVENT_COLUMNS, event_row
@@ -62,6 +65,9 @@ from harness import (
     DEFAULT_REDIS_URL, bench_settings, create_pipeline_topics, embedded_broker, log, machine_line, markdown_table,
     median, unique, workspace,
 )
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # the sink tests' record builders
+from sink_samples import sample_events  # noqa: E402
 
 TARGET_RATIO = 0.5
 SINK = "emofleet ClickHouseSink"
@@ -79,9 +85,6 @@ POLL_SECONDS = 0.02
 def make_events(count: int, seed: int = 7) -> list[dict[str, Any]]:
     """``count`` realistic EmotionEvents (roughly; stops at exactly ``count``)."""
     import numpy as np
-
-    from emofleet.sinks.rows import EMOTIONS
-    from emofleet.sinks.samples import sample_events
 
     rng = np.random.default_rng(seed)
     base_ms = int(time.time() * 1000) - 3_600_000

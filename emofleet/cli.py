@@ -302,7 +302,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from emofleet.sinks.clickhouse import chdb_lock_holder, connect, redact_dsn
+    from emofleet.sinks.clickhouse import chdb_lock_holder, connect
     from emofleet.sinks.schema import check_drift, migrate
 
     settings = load_settings(args)
@@ -314,11 +314,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                          "migrate by hand")
     client = connect(settings.clickhouse, dsn)
     try:
-        applied = migrate(client, database)
+        applied = migrate(client, database, settings=settings.clickhouse)  # retention TTLs too
         check_drift(client, database)
     finally:
         client.close()
-    where = f"database {database} at {redact_dsn(dsn)}"
+    where = f"database {database} at {cfg.redact_url(dsn)}"
     print("\n".join([f"applied {name}" for name in applied]
                     + [f"{where}: {len(applied)} migration(s) applied, schema up to date"]))
     return 0

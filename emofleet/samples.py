@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from emofleet.schemas.emotions import SAMPLE_RATE
 
 
 def synth_clip(seconds: float, seed: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

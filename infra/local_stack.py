@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from emofleet.streams.config import redact_url
+
 STATE_FILE = "stack.json"
 _TANSU_ENV = ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID")
 
@@ -159,7 +161,7 @@ def ensure_redis(url: str, data_dir: Path, *, detach: bool = True) -> tuple[str,
         return url, None
     binary = shutil.which("redis-server")
     if binary is None:
-        raise StackError(f"Redis does not answer at {_redact(url)} and redis-server is not installed; "
+        raise StackError(f"Redis does not answer at {redact_url(url)} and redis-server is not installed; "
                          "run `bash infra/dev.sh setup` (installs it) or set EMOFLEET_CACHE_REDIS_URL")
     parsed = urlparse(url)
     local = parsed.hostname in {"127.0.0.1", "localhost", "::1"}
@@ -176,13 +178,6 @@ def ensure_redis(url: str, data_dir: Path, *, detach: bool = True) -> tuple[str,
         stop_process(process.pid)
         raise StackError(f"redis-server did not start on port {port}; see {log_path}")
     return started_url, process.pid
-
-
-def _redact(url: str) -> str:
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@")
-    return url
 
 
 class LocalStack:
@@ -241,6 +236,6 @@ class LocalStack:
         broker_up = process_alive(state.broker_pid) and metadata_round_trip(state.bootstrap_servers)
         return {
             "broker": f"up at {state.bootstrap_servers} (pid {state.broker_pid})" if broker_up else "down",
-            "redis": f"up at {_redact(state.redis_url)}" if redis_answers(state.redis_url) else "down",
+            "redis": f"up at {redact_url(state.redis_url)}" if redis_answers(state.redis_url) else "down",
             "chdb": state.chdb_path,
         }

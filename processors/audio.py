@@ -36,13 +36,13 @@ import soundfile as sf
 import soxr
 
 from emofleet.processors.fetch import AudioError, Fetcher
+from emofleet.schemas.emotions import SAMPLE_RATE
 from emofleet.streams.config import AudioSettings
 
 __all__ = [
-    "MIN_MODEL_SAMPLES", "SAMPLE_RATE", "Audio", "AudioError", "AudioLoader", "decode_audio", "windows",
+    "MIN_MODEL_SAMPLES", "Audio", "AudioError", "AudioLoader", "decode_audio", "windows",
 ]
 
-SAMPLE_RATE = 16_000
 MIN_MODEL_SAMPLES = 400
 MERGE_FRACTION = 0.25
 FFMPEG_TIMEOUT_SECONDS = 600.0

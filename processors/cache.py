@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import redis
 
@@ -22,13 +21,6 @@ from emofleet.streams.config import CacheSettings
 from emofleet.streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    errors: int = 0
 
 
 def cache_namespace(model_id: str, revision: str, granularity: str, embeddings: bool) -> str:
@@ -46,7 +38,6 @@ class ResultCache:
         self._owner = owner.encode()
         self._cooldown = cooldown
         self._down_until = 0.0
-        self.stats = CacheStats()
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
     def result_key(self, sha256: str) -> str:
@@ -69,8 +60,6 @@ class ResultCache:
             self._failed("lookup", error)
             return {}
         found = {sha: value for sha, value in zip(shas, values, strict=True) if value is not None}
-        self.stats.hits += len(found)
-        self.stats.misses += len(shas) - len(found)
         self._metrics.cache_hits.inc(len(found))
         self._metrics.cache_misses.inc(len(shas) - len(found))
         return found
@@ -120,7 +109,6 @@ class ResultCache:
             self._failed("release", error)
 
     def _failed(self, operation: str, error: redis.RedisError) -> None:
-        self.stats.errors += 1
         self._metrics.cache_errors.labels(operation).inc()
         self._down_until = time.monotonic() + self._cooldown
         log.warning("Redis %s failed (%s); processing continues without the cache for %.0fs",

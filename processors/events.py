@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from emofleet.processors.model import EMOTIONS, Prediction
+from emofleet.processors.model import Prediction
+from emofleet.schemas.emotions import EMOTIONS
 from emofleet.streams.dead_letters import Lineage
 
 

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from emofleet.processors.batched import batched_features, frame_count, in_fp32_submodule, min_samples
 from emofleet.processors.tiny_model import build_tiny_model
+from emofleet.schemas.emotions import EMOTIONS, SAMPLE_RATE
 from emofleet.streams.config import ModelSettings
 
 __all__ = [
-    "EMOTIONS",
     "EmotionModel",
     "ModelLoadError",
     "Prediction",
@@ -57,10 +57,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EMOTIONS: tuple[str, ...] = (
-    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown",
-)
-SAMPLE_RATE = 16_000
 GRANULARITIES = ("utterance", "frame")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TINY_DIR_NAME = "tiny-emotion2vec"

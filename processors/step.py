@@ -21,18 +21,19 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from confluent_kafka import KafkaError, Message, Producer
 
-from emofleet.processors.audio import SAMPLE_RATE, Audio, AudioError, AudioLoader, windows
+from emofleet.processors.audio import Audio, AudioError, AudioLoader, windows
 from emofleet.processors.batching import plan_batches
 from emofleet.processors.cache import ResultCache, cache_namespace
 from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events
 from emofleet.processors.model import EmotionModel, Prediction
 from emofleet.schemas.codec import Codec, SchemaError
+from emofleet.schemas.emotions import SAMPLE_RATE
 from emofleet.streams.config import Settings
 from emofleet.streams.consumer import Reporter
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
@@ -73,23 +74,6 @@ class Item:
         return self.audio.duration_seconds if self.audio else 0.0
 
 
-@dataclass
-class StageTimes:
-    """Seconds spent per stage, summed over threads (fetch+decode runs on several at once)."""
-
-    fetch_decode: float = 0.0
-    cache: float = 0.0
-    model: float = 0.0
-    produce: float = 0.0
-    batches: int = 0
-    clips: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            setattr(self, stage, getattr(self, stage) + seconds)
-
-
 class InferenceStep:
     def __init__(self, settings: Settings, model: EmotionModel, codec: Codec, producer: Producer,
                  report: Reporter, is_current: Callable[[TopicPartition, int], bool], *,
@@ -119,8 +103,6 @@ class InferenceStep:
         self._open_lock = threading.Lock()
         self._closing = threading.Event()
         self._failure: BaseException | None = None
-        self.times = StageTimes()
-        self.dead_lettered = 0
         self._worker = threading.Thread(target=self._run_worker, name="inference", daemon=True)
         self._delivery = threading.Thread(target=self._serve_deliveries, name="delivery", daemon=True)
         self._worker.start()
@@ -175,7 +157,6 @@ class InferenceStep:
             self._dead_letter(item, Failure(error.reason, "decode", type(error).__name__, str(error)))
             return
         add_log_context(audio_id=item.reference.get("audio_id"))
-        started = time.monotonic()
         try:
             item.audio = self._load_with_retries(item.reference["uri"])
         except AudioError as error:
@@ -189,8 +170,6 @@ class InferenceStep:
             log.exception("unexpected error loading %s", item.reference.get("audio_id"))
             self._dead_letter(item, Failure("internal_error", "audio", type(error).__name__, str(error)))
             return
-        finally:
-            self.times.add("fetch_decode", time.monotonic() - started)
         if self._closing.is_set():
             self._drop([item])
             return
@@ -270,12 +249,10 @@ class InferenceStep:
         for sha, payload in cached.items():
             self._emit_results(by_sha.pop(sha), ClipResult.from_bytes(payload), cache_hit=True)
         busy = self.cache.claim_many(by_sha)
-        self.times.add("cache", time.monotonic() - started)
         self._observe_stage("cache", time.monotonic() - started)
         self._defer([i for sha in busy for i in by_sha.pop(sha)])
         if by_sha:
             self._compute(by_sha)
-        self.times.batches += 1
 
     def _defer(self, items: list[Item]) -> None:
         """Wait for another member's result; after its claim expires, compute it ourselves."""
@@ -340,9 +317,7 @@ class InferenceStep:
             self.metrics.errors.labels("model").inc()
             return error
         finally:
-            self.times.add("model", time.monotonic() - started)
             self._observe_stage("model", time.monotonic() - started)
-        self.times.clips += len(clips)
         self.metrics.model_batch_windows.observe(len(clips))
         self.metrics.audio_seconds.inc(sum(len(c) for c in clips) / SAMPLE_RATE)
         return outputs
@@ -366,7 +341,6 @@ class InferenceStep:
             self._produce_all(item, self._settings.kafka.results_topic,
                               [(item.key, value) for value in encoded])
             self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - item.reference["produced_at"] / 1000))  # type: ignore[index]
-        self.times.add("produce", time.monotonic() - started)
         self._observe_stage("produce", time.monotonic() - started)
 
     def _observe_stage(self, stage: str, seconds: float) -> None:
@@ -380,7 +354,6 @@ class InferenceStep:
         log.info("dead letter %s[%d]@%d: %s (%s)", *item.tp, item.offset, failure.reason, failure.message[:200],
                  extra={"topic": item.tp[0], "partition": item.tp[1], "offset": item.offset,
                         "audio_id": (item.reference or {}).get("audio_id")})
-        self.dead_lettered += 1
         self.metrics.dead_letter(failure.reason, failure.stage)
         self._produce_all(item, self._settings.kafka.dead_letter_topic, [(item.key, value)])
 

@@ -29,18 +29,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
-from emofleet.sinks.rows import EMOTIONS, NEGATIVE_LABELS, datetime_to_millis, millis_to_datetime
-from emofleet.sinks.query_server import QueryRunner
+from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
+from emofleet.sinks.rows import datetime_to_millis, millis_to_datetime
+from emofleet.sinks.query_server import QueryRunner, json_value
 from emofleet.sinks.schema import DEAD_LETTERS_TABLE, EVENTS_TABLE, quote_identifier
 
 
@@ -71,7 +69,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (datetimes as ISO strings), e.g. for ``--format json``."""
-        return json.loads(json.dumps(asdict(self), default=_json_default))
+        return json_value(asdict(self), finite=False)
 
 
 def build_report(run: QueryRunner, database: str, since: datetime | None = None, *, until: datetime | None = None,
@@ -411,7 +409,7 @@ def render_rows(rows: Sequence[Mapping[str, Any]], fmt: str = "table") -> str:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     columns: list[str] = list(dict.fromkeys(key for row in rows for key in row))
     if fmt == "json":
-        return json.dumps([{k: _json_value(row.get(k)) for k in columns} for row in rows],
+        return json.dumps([{k: json_value(row.get(k), finite=True) for k in columns} for row in rows],
                           ensure_ascii=False, indent=None)
     if fmt == "csv":
         if not columns:
@@ -435,48 +433,18 @@ def _table_value(value: Any) -> str:
         return "NULL"
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, (datetime, date, bytes, bytearray)):
+        return json_value(value, finite=True)
     if isinstance(value, (list, tuple, dict)):
-        return json.dumps(_json_value(value), ensure_ascii=False)
+        return json.dumps(json_value(value, finite=True), ensure_ascii=False)
     return " ".join(str(value).split()) if "\n" in str(value) else str(value)
 
 
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, (datetime, date, bytes, bytearray)):
+        return json_value(value, finite=True)
     if isinstance(value, (list, tuple, dict)):
-        return json.dumps(_json_value(value), ensure_ascii=False)
+        return json.dumps(json_value(value, finite=True), ensure_ascii=False)
     return value
-
-
-def _json_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return _json_default(value)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    if isinstance(value, (Decimal, UUID)):
-        return str(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "tolist"):  # numpy scalars/arrays
-        return value.tolist()
-    return str(value)

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from emofleet.sinks.schema import quote_identifier
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.streams.config import ClickHouseSettings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ def connect(settings: ClickHouseSettings, dsn: str) -> Any:
         where = f"chDB at {parts.path}"
     elif parts.scheme in ("http", "https"):
         client = _connect_http(settings, dsn)
-        where = f"ClickHouse at {redact_dsn(dsn)}"
+        where = f"ClickHouse at {redact_url(dsn)}"
     else:
-        raise ClickHouseError(f"unsupported ClickHouse DSN {redact_dsn(dsn)!r}",
+        raise ClickHouseError(f"unsupported ClickHouse DSN {redact_url(dsn)!r}",
                               hint="use chdb:///absolute/path or http(s)://host:port in EMOFLEET_CLICKHOUSE_DSN")
     try:
         database = quote_identifier(settings.database)
@@ -203,7 +203,7 @@ def _connect_http(settings: ClickHouseSettings, dsn: str) -> Any:
     import clickhouse_connect
 
     parts = urlsplit(dsn)
-    shown = redact_dsn(dsn)
+    shown = redact_url(dsn)
     if parts.username or parts.password:
         raise ClickHouseError(f"credentials in the ClickHouse DSN {shown}",
                               hint="remove user:password@ from EMOFLEET_CLICKHOUSE_DSN and set "
@@ -254,15 +254,6 @@ def _connect_http(settings: ClickHouseSettings, dsn: str) -> Any:
             hint = "check EMOFLEET_CLICKHOUSE_DSN (scheme, host, port) and that the server is running"
         raise ClickHouseError(f"cannot connect to ClickHouse at {shown} as {settings.username!r}: {detail}",
                               hint=hint, transient=is_transient(exc)) from None
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def is_transient(exc: BaseException) -> bool:

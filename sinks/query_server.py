@@ -8,10 +8,11 @@ bearer token in an owner file only the user can read, every query run with ``rea
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,18 +52,32 @@ def _first_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:500]
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any, *, finite: bool) -> Any:
+    """A query value (nested in mappings, lists and tuples too) as plain JSON data.
+
+    Datetimes and dates become ISO 8601, bytes UTF-8 text with undecodable bytes escaped (``\\xff``),
+    Decimal and UUID strings, numpy values their Python values, mapping keys strings, anything else its
+    ``str()``. ``finite=True`` turns NaN and infinities into None, for JSON that other tools read; with
+    ``finite=False`` they stay floats, which Python's json writes and reads back (the query server's replies
+    and the report's data keep them).
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return None if finite and not math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v, finite=finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, finite=finite) for v in value]
     if isinstance(value, (datetime, date)):
         return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, (Decimal, UUID)):
         return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return json_value(value.tolist(), finite=finite)
+    return str(value)
 
 
 class QueryServer:
@@ -106,7 +121,7 @@ class QueryServer:
                     rows = run(str(request["sql"]), dict(request.get("parameters") or {}))
                 except Exception as error:  # the client shows the server's one-line reason
                     return self._reply(400, {"error": _first_line(error)})
-                self._reply(200, {"rows": _json_value(rows)})
+                self._reply(200, {"rows": json_value(rows, finite=False)})
 
             def _reply(self, status: int, body: dict[str, Any]) -> None:
                 payload = json.dumps(body).encode()
@@ -132,7 +147,7 @@ def owner_runner(data_dir: Path, timeout: float = 300.0) -> QueryRunner | None:
 
     def run(sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
         request = Request(f"http://127.0.0.1:{owner['port']}/query", method="POST",
-                          data=json.dumps({"sql": sql, "parameters": _json_value(parameters)}).encode(),
+                          data=json.dumps({"sql": sql, "parameters": json_value(parameters, finite=False)}).encode(),
                           headers={"Authorization": f"Bearer {owner['token']}", "Content-Type": "application/json"})
         try:
             with urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback URL built above

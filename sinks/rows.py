@@ -21,17 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
-EMOTIONS: tuple[str, ...] = (
-    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown",
-)
-"""The nine emotion2vec classes in model output order (same as ``processors.model.EMOTIONS``; repeated
-here so this module stays import-light)."""
+from emofleet.schemas.emotions import EMOTIONS
 
 SCORE_COLUMNS: tuple[str, ...] = tuple(f"score_{name}" for name in EMOTIONS)
-NEGATIVE_LABELS: tuple[str, ...] = ("angry", "disgusted", "fearful", "sad")
-"""Labels counted as negative by the analytics (negativity = share of clips with one of these labels)."""
 
 LINEAGE_COLUMNS: tuple[str, ...] = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_topic_id", "inserted_at")
 
@@ -72,6 +67,7 @@ FRAMES_PER_SECOND = 50
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+_in_emotion_order = itemgetter(*EMOTIONS)  # a scores or counts record's values, in EMOTIONS order
 
 
 def millis_to_datetime(ms: int) -> datetime:
@@ -94,13 +90,11 @@ def event_row(event: Mapping[str, Any], topic: str, partition: int, offset: int,
     the Kafka id of that topic's incarnation (the sink resumes from them); ``inserted_at`` should be an
     aware UTC datetime, one per batch.
     """
-    s = event["scores"]
     return [
         event["event_id"], event["audio_id"], event["uri"], event["content_sha256"],
         event["model_id"], event["model_revision"], event["granularity"],
         event["label"], event["confidence"],
-        s["angry"], s["disgusted"], s["fearful"], s["happy"], s["neutral"],
-        s["other"], s["sad"], s["surprised"], s["unknown"],
+        *_in_emotion_order(event["scores"]),
         event.get("embedding") or [],
         event["duration_seconds"], event["segment_index"], event["segment_count"],
         event["segment_start_seconds"], event["segment_end_seconds"],
@@ -151,8 +145,7 @@ def frame_rows(event: Mapping[str, Any], max_frames: int | None = None) -> list[
     if max_frames is not None and len(frames) > max_frames:
         return [[*head, index, *scores] for index, scores in pooled_frames(frames, max_frames)]
     return [
-        [*head, index, f["angry"], f["disgusted"], f["fearful"], f["happy"], f["neutral"],
-         f["other"], f["sad"], f["surprised"], f["unknown"]]
+        [*head, index, *_in_emotion_order(f)]
         for index, f in enumerate(frames)
     ]
 
@@ -175,13 +168,11 @@ def pooled_frames(frames: Sequence[Mapping[str, float]], max_frames: int) -> lis
 def aggregate_row(record: Mapping[str, Any], topic: str, partition: int, offset: int, inserted_at: datetime,
                   topic_id: str = "") -> list:
     """One ``emotion_aggregates`` row (order of :data:`AGGREGATE_COLUMNS`) from a decoded EmotionAggregate."""
-    c = record["label_counts"]
     return [
         record["aggregate_id"], record["scope"], record["tenant"], record["scope_value"], record["window_type"],
         record["window_size_seconds"], record["window_hop_seconds"],
         _EPOCH + record["window_start"] * _MILLISECOND, _EPOCH + record["window_end"] * _MILLISECOND,
-        record["clips"], c["angry"], c["disgusted"], c["fearful"], c["happy"], c["neutral"], c["other"], c["sad"],
-        c["surprised"], c["unknown"], record["mean_confidence"], record["negativity"],
+        record["clips"], *_in_emotion_order(record["label_counts"]), record["mean_confidence"], record["negativity"],
         _EPOCH + record["first_event_at"] * _MILLISECOND, _EPOCH + record["last_event_at"] * _MILLISECOND,
         topic, partition, offset, topic_id, inserted_at,
     ]

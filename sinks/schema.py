@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from emofleet.schemas.emotions import EMOTIONS
 from emofleet.sinks.rows import AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS
 from emofleet.streams.config import ClickHouseSettings
 
@@ -332,8 +333,7 @@ SETTINGS non_replicated_deduplication_window = 1000
 # ------------------------------------------------------------------------------------ expected shape
 # The columns (name, type as system.columns spells it) the tables have after all MIGRATIONS.
 
-_SCORE_TYPES = tuple((f"score_{e}", "Float32") for e in (
-    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"))
+_SCORE_TYPES = tuple((f"score_{e}", "Float32") for e in EMOTIONS)
 _DT = "DateTime64(3, 'UTC')"
 _LC = "LowCardinality(String)"
 _LINEAGE_TYPES = (("kafka_topic", _LC), ("kafka_partition", "UInt16"), ("kafka_offset", "UInt64"),
@@ -369,8 +369,7 @@ EXPECTED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("aggregate_id", "String"), ("scope", _LC), ("tenant", _LC), ("scope_value", "String"),
         ("window_type", _LC), ("window_size_seconds", "UInt32"), ("window_hop_seconds", "UInt32"),
         ("window_start", _DT), ("window_end", _DT), ("clips", "UInt32"),
-        *((f"count_{e}", "UInt32") for e in ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad",
-                                             "surprised", "unknown")),
+        *((f"count_{e}", "UInt32") for e in EMOTIONS),
         ("mean_confidence", "Float64"), ("negativity", "Float64"), ("first_event_at", _DT), ("last_event_at", _DT),
         *_LINEAGE_TYPES,
     ),

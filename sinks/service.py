@@ -28,7 +28,7 @@
   letter, and its offset is committed past the rejected row only after that. The rest of the batch and
   every other partition go on. A rejected row *from the dead-letter topic* is not sent there again (it
   would come back forever): it is logged with its position and counted
-  (``emofleet_errors_total{kind="clickhouse_rejected"}``, ``stats.dropped_dead_letters``) and stays in Kafka.
+  (``emofleet_errors_total{kind="clickhouse_rejected"}``) and stays in Kafka.
 - Frame-granularity whole-clip events also write ``emotion_frames`` (``rows.frame_rows``, at most
   ``max_frames_per_clip`` rows per clip, longer clips mean-pooled) in the same flush, before the events
   (see :meth:`ClickHouseSink._insert`), with their own deduplication token; frame rows count towards
@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -195,30 +195,14 @@ def stored_ids(client: Any, database: str, table: str, topic: str, limit: int) -
     return [row[0] for row in reversed(rows)]
 
 
-@dataclass
-class SinkStats:
-    inserted_events: int = 0
-    inserted_dead_letters: int = 0
-    inserted_aggregates: int = 0
-    inserted_frames: int = 0
-    rejected: int = 0  # messages whose rows ClickHouse refused, sent to the dead-letter topic
-    dropped_dead_letters: int = 0  # dead letters whose row ClickHouse refused: logged, not stored
-    skipped_replays: int = 0
-    skipped_duplicates: int = 0  # processor replays: an id this sink already stored
-    insert_failures: int = 0
-    flushes: int = 0
-
-
 class ClickHouseSink:
     def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
-                 before_commit: Callable[[], None] | None = None, metrics: Metrics | None = None,
-                 recent_ids: int = RECENT_IDS) -> None:
+                 metrics: Metrics | None = None, recent_ids: int = RECENT_IDS) -> None:
         self._settings = settings
         self.metrics = metrics or Metrics("sink")
         self._client = client
         self._lock = client_lock or threading.Lock()
         self._codec = codec
-        self._before_commit = before_commit  # test hook: a crash between insert and commit
         kafka = settings.kafka
         self._topics = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE,
                         kafka.aggregates_topic: AGGREGATES_TABLE}
@@ -234,7 +218,6 @@ class ClickHouseSink:
         self._recent = {EVENTS_TABLE: RecentIds(recent_ids), DEAD_LETTERS_TABLE: RecentIds(recent_ids)}
         self._stop = threading.Event()
         self._failed = False
-        self.stats = SinkStats()
         self.assigned: set[tuple[str, int]] = set()
 
     def stop(self) -> None:
@@ -260,6 +243,7 @@ class ClickHouseSink:
             self._producer.flush(10)
             consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
             let_go(consumer, leave_group=self._settings.kafka.leave_group_on_close)
+            del consumer  # a traceback keeps this frame alive, and with it a consumer that stays in the group
 
     def _observe(self) -> None:
         """Gauges, lag and the liveness heartbeat, once per turn of the loop."""
@@ -290,15 +274,13 @@ class ClickHouseSink:
             self._log_restarted(topic, partition, offset)
         self._last_seen[(topic, partition)] = offset
         if offset <= self._resume_after.get((topic, partition), -1):
-            self.stats.skipped_replays += 1  # already stored before a crash; see module docstring
-            self.metrics.sink_skipped_replays.inc()
+            self.metrics.sink_skipped_replays.labels("position").inc()  # stored before a crash; see module docstring
             self._batch.add(topic, partition, offset, None)
             return
         row, frames = self._row(message, datetime.now(UTC))
         recent = self._recent.get(self._topics[topic])
         if row is not None and recent is not None and not recent.add(row[0]):
-            self.stats.skipped_duplicates += 1  # a processor replay of a stored row; see module docstring
-            self.metrics.sink_skipped_replays.inc()
+            self.metrics.sink_skipped_replays.labels("id").inc()  # a processor's replay; see module docstring
             row = None
         self._batch.add(topic, partition, offset, None if row is None else Source(message, row, frames))
 
@@ -369,7 +351,6 @@ class ClickHouseSink:
                 self._insert(self._batch)
                 break
             except Exception as error:
-                self.stats.insert_failures += 1
                 self.metrics.sink_insert_failures.inc()
                 self.metrics.clickhouse_ok = False
                 log.warning("ClickHouse insert of %d rows failed (%s: %s); retrying in %.1fs",
@@ -382,13 +363,10 @@ class ClickHouseSink:
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
         if self._producer.flush(30) > 0:
             raise RuntimeError("dead letters could not be delivered")
-        if self._before_commit:
-            self._before_commit()
         self._commit(self._batch)
         if paused:
             self._consumer.resume(self._consumer.assignment())
             self.metrics.paused_partitions.set(0)
-        self.stats.flushes += 1
         self.metrics.clickhouse_ok = True
         self.metrics.sink_batch_rows.observe(self._batch.rows)
         self._batch = Batch()
@@ -461,14 +439,6 @@ class ClickHouseSink:
                                 settings=dedup_settings(token))
         self.metrics.stage_seconds.labels("insert").observe(time.perf_counter() - started)
         self.metrics.sink_rows.labels(table).inc(len(rows))
-        if table == EVENTS_TABLE:
-            self.stats.inserted_events += len(rows)
-        elif table == AGGREGATES_TABLE:
-            self.stats.inserted_aggregates += len(rows)
-        elif table == FRAMES_TABLE:
-            self.stats.inserted_frames += len(rows)
-        else:
-            self.stats.inserted_dead_letters += len(rows)
 
     def _reject(self, source: Source, error: Exception) -> None:
         """ClickHouse refuses this message's rows for good. Send the message to the dead-letter topic and wait
@@ -478,7 +448,6 @@ class ClickHouseSink:
         message = source.message
         position = f"{message.topic()}[{message.partition()}]@{message.offset()}"
         if message.topic() == self._settings.kafka.dead_letter_topic:
-            self.stats.dropped_dead_letters += 1
             self.metrics.errors.labels(REJECTED).inc()
             log.error("ClickHouse rejected the dead letter at %s; it stays in Kafka only: %s", position,
                       error_line(error))
@@ -488,7 +457,6 @@ class ClickHouseSink:
         self._produce_dead_letter(message, self._dead_letter_record(message, failure, reference))
         if self._producer.flush(30) > 0:
             raise RuntimeError(f"the dead letter of {position} could not be delivered")
-        self.stats.rejected += 1
         self.metrics.dead_letter(REJECTED, "sink")
         log.warning("ClickHouse rejected the row of %s, sent to %s: %s", position,
                     self._settings.kafka.dead_letter_topic, failure.message)
@@ -571,7 +539,7 @@ class ClickHouseSink:
             self._last_seen.pop(tp, None)
 
 
-def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = None) -> int:
+def run_sink(settings: Settings) -> int:
     """Migrate, check for drift, serve read-only queries when we own a chDB directory, consume until
     SIGTERM/SIGINT, flush and commit, exit 0."""
     import signal
@@ -600,8 +568,7 @@ def run_sink(settings: Settings, *, before_commit: Callable[[], None] | None = N
         server = QueryServer(direct_runner(client, lock), settings.data_dir)
         server.start()
     codec = make_codec(settings.kafka.schema_registry_url, settings.kafka.registry_config)
-    sink = ClickHouseSink(settings, client, codec, client_lock=lock,
-                          before_commit=before_commit, metrics=metrics)
+    sink = ClickHouseSink(settings, client, codec, client_lock=lock, metrics=metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: sink.stop())
     log.info("sink: %s + %s -> %s", settings.kafka.results_topic, settings.kafka.dead_letter_topic,

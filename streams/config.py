@@ -401,20 +401,28 @@ def _masked(value: Any) -> Any:
         return [_masked(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, str) and "://" in value and "@" in value:
+    if isinstance(value, str):
         return redact_url(value)  # a password inside a URL (redis://:pw@host) is a secret too
     return value
 
 
-def redact_url(url: str) -> str:
-    """``url`` with the password of its user-info part (``scheme://user:pw@host``) replaced by ``***``."""
+def url_password(value: str) -> str | None:
+    """The password of a URL's user-info part (``scheme://user:pw@host``); None when there is none."""
     from urllib.parse import urlsplit
 
+    if "://" not in value or "@" not in value:
+        return None
     try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
+        return urlsplit(value).password
+    except ValueError:  # not a URL after all (e.g. an unbalanced "[")
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info part replaced by ``***``; anything else unchanged."""
+    from urllib.parse import urlsplit
+
+    if not (password := url_password(url)):
         return url
-    if not password:
-        return url
+    parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1)).geturl()

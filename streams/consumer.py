@@ -43,14 +43,6 @@ class Settled:
     finished: bool  # False: dropped unfinished (revoked or shutting down); never committed past
 
 
-@dataclass
-class LoopStats:
-    pauses: int = 0
-    peak_in_flight: int = 0
-    commits: int = 0
-    rebalances: int = 0
-
-
 class Reporter(Protocol):
     def __call__(self, tp: TP, offset: int, *, finished: bool) -> None: ...
 
@@ -125,7 +117,7 @@ class ConsumerLoop:
         self._last_commit = time.monotonic()
         self.strategy = strategy_factory(self._report, self.is_current)
         self.assigned: set[TP] = set()
-        self.stats = LoopStats()
+        self._peak_in_flight = 0  # behind the in_flight_peak gauge
 
     # ------------------------------------------------------------ called from worker threads
 
@@ -190,8 +182,13 @@ class ConsumerLoop:
             return
         self.metrics.messages_in.labels(tp[0]).inc()
         self._tracker.consumed(tp, message.offset())
-        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._tracker.in_flight())
+        self._record_peak(self._tracker.in_flight())
         self.strategy.submit(message, generation)
+
+    def _record_peak(self, in_flight: int) -> None:
+        if in_flight > self._peak_in_flight:
+            self._peak_in_flight = in_flight
+            self.metrics.in_flight_peak.set(in_flight)
 
     def _drain_settled(self, timeout: float = 0.0) -> None:
         try:
@@ -220,7 +217,8 @@ class ConsumerLoop:
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
         self._paused = paused
-        self.stats.pauses += paused
+        if paused:
+            self.metrics.backpressure_pauses.inc()
 
     @property
     def paused(self) -> bool:
@@ -249,12 +247,10 @@ class ConsumerLoop:
             self.metrics.commit_seconds.labels("sync").observe(time.perf_counter() - started)
         self._lag.committed(offsets)
         self._tracker.mark_committed(offsets)
-        self.stats.commits += 1
 
     # ------------------------------------------------------------ rebalance callbacks (poll thread)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.stats.rebalances += 1
         self.metrics.rebalances.labels("assign").inc()
         for partition in partitions:
             tp = (partition.topic, partition.partition)
@@ -272,7 +268,6 @@ class ConsumerLoop:
         self._release(partitions, commit=False)
 
     def _release(self, partitions: list[TopicPartition], *, commit: bool) -> None:
-        self.stats.rebalances += 1
         self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
         revoked = {(p.topic, p.partition) for p in partitions}
         for tp in revoked:
@@ -302,3 +297,4 @@ class ConsumerLoop:
         finally:
             consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
             let_go(consumer, leave_group=self._leave_group)
+            del consumer  # a traceback keeps this frame alive, and with it a consumer that stays in the group

@@ -23,9 +23,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from emofleet.streams.config import ConfigError, Secret
+from emofleet.streams.config import ConfigError, Secret, url_password
 
 LOG_FORMATS = ("text", "json")
 CONTEXT_FIELDS = ("topic", "partition", "offset", "audio_id")
@@ -71,13 +70,8 @@ def secret_values(settings: Any) -> set[str]:
         elif isinstance(value, Secret):
             if value:
                 found.add(str(value))
-        elif isinstance(value, str) and "://" in value and "@" in value:
-            try:
-                password = urlsplit(value).password
-            except ValueError:
-                password = None
-            if password:
-                found.add(password)
+        elif isinstance(value, str) and (password := url_password(value)):
+            found.add(password)
         elif isinstance(value, (tuple, list)):
             for item in value:
                 walk(item)

@@ -26,6 +26,9 @@ emofleet_fetch_retries_total                                      transient audi
 emofleet_cache_hits_total / _misses_total                         dedupe cache lookups
 emofleet_cache_errors_total                operation              Redis failures (processing goes on without it)
 emofleet_in_flight_messages                                       consumed, not yet finished or dropped
+emofleet_in_flight_messages_peak                                  the most in flight at once (processor)
+emofleet_backpressure_pauses_total                                times in-flight work reached max_in_flight
+                                                                  and the processor paused its partitions
 emofleet_paused_partitions                                        partitions paused by backpressure (or the sink)
 emofleet_assigned_partitions                                      partitions this member owns
 emofleet_rebalances_total                  event                  assign / revoke / lost
@@ -40,7 +43,9 @@ emofleet_gpu_utilization_ratio             device                 GPU busy fract
 emofleet_sink_inserted_rows_total          table                  rows ClickHouse acknowledged
 emofleet_sink_insert_failures_total                               inserts that failed (and are retried)
 emofleet_sink_batch_rows (histogram)                              rows per flush
-emofleet_sink_skipped_replays_total                               messages already stored before a crash
+emofleet_sink_skipped_replays_total        by                     messages ClickHouse already had: by
+                                                                  ``position`` (re-read after a crash) or
+                                                                  ``id`` (a processor's replay)
 =========================================  =====================  ==============================================
 
 Plus ``process_*`` (CPU, memory, file descriptors) and ``python_info``.
@@ -95,6 +100,7 @@ disable_created_metrics()  # no *_created series: they double the series count a
 TopicPartition = tuple[str, int]
 SERVICES = ("processor", "sink", "aggregator")
 STAGES = ("fetch", "decode", "cache", "model", "produce", "insert")
+SKIPPED_BY = ("position", "id")  # how the sink knew a message was stored: its Kafka position, its row id
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 END_TO_END_BUCKETS = (.05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -166,6 +172,11 @@ class Metrics:
                                      registry=processor)
         self.fetch_retries = Counter("emofleet_fetch_retries_total", "Transient audio fetch errors retried",
                                      registry=processor)
+        self.in_flight_peak = Gauge("emofleet_in_flight_messages_peak", "The most messages in flight at once",
+                                    registry=processor)
+        self.backpressure_pauses = Counter("emofleet_backpressure_pauses_total",
+                                           "Times max_in_flight messages were unsettled and partitions paused",
+                                           registry=processor)
         self.cache_hits = Counter("emofleet_cache_hits_total", "Dedupe cache hits", registry=processor)
         self.cache_misses = Counter("emofleet_cache_misses_total", "Dedupe cache misses", registry=processor)
         self.cache_errors = Counter("emofleet_cache_errors_total", "Redis failures by operation", ["operation"],
@@ -183,7 +194,10 @@ class Metrics:
         self.sink_batch_rows = Histogram("emofleet_sink_batch_rows", "Rows per flush", buckets=ROWS_BUCKETS,
                                          registry=sink)
         self.sink_skipped_replays = Counter("emofleet_sink_skipped_replays_total",
-                                            "Messages skipped because ClickHouse already had them", registry=sink)
+                                            "Messages skipped because ClickHouse already had them, by stored "
+                                            "position or stored id", ["by"], registry=sink)
+        for by in SKIPPED_BY:
+            self.sink_skipped_replays.labels(by)
 
         self._last_beat: float | None = None
         self._assigned = 0

@@ -41,12 +41,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-EMOTIONS: tuple[str, ...] = (
-    "angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown",
-)
-"""The nine emotion2vec classes in model output order (the Avro ``Emotion`` enum)."""
+from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 
-NEGATIVE_LABELS: frozenset[str] = frozenset({"angry", "disgusted", "fearful", "sad"})
 _NEGATIVE_INDEXES = tuple(i for i, name in enumerate(EMOTIONS) if name in NEGATIVE_LABELS)
 _LABEL_INDEX = {name: i for i, name in enumerate(EMOTIONS)}
 

@@ -5,8 +5,8 @@ moto S3 server, so a kill -9 of the broker loses nothing), a dedicated redis-ser
 (SIGSTOP-able; the shared one is never touched),
 processor subprocesses (``python -m emofleet.cli process``, as `emofleet up` runs them) plus in-process
 members for fast churn, and the ClickHouse sink in this process on its own chDB directory, through a
-wrapper that can make every insert fail and a ``before_commit`` hook that can crash it between insert
-and commit.
+wrapper that can make every insert fail, as a :class:`pipeline_helpers.SinkWithCommitHook` that can crash
+between insert and commit.
 
 Book-keeping: every reference gets a unique ``audio_id`` (``<run>-<phase>-<n>``); references that cannot
 even be decoded carry that id as their Kafka key, which the dead letter keeps. A phase is accounted for
@@ -42,11 +42,14 @@ from emofleet.infra.local_stack import (
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.samples import synth_clip
 from emofleet.schemas.codec import make_codec
+from emofleet.sinks.service import REJECTED
 from emofleet.streams.config import Settings, to_env
+from emofleet.streams.metrics import Metrics
 from emofleet.streams.producer import idempotent_producer_config
 from emofleet.streams.references import make_reference
 
-from pipeline_helpers import FlakyClient
+from metrics_helpers import metric
+from pipeline_helpers import FlakyClient, SinkWithCommitHook
 
 S3_BUCKET = "tansu"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "emofleet-test", "AWS_SECRET_ACCESS_KEY": "emofleet-test",
@@ -137,8 +140,24 @@ class SinkCrash(BaseException):
     """Raised by the ``before_commit`` hook: the sink dies between insert and commit."""
 
 
+SINK_COUNTS: dict[str, tuple[str, dict[str, str]]] = {
+    "inserted_events": ("emofleet_sink_inserted_rows_total", {"table": "emotion_events"}),
+    "inserted_dead_letters": ("emofleet_sink_inserted_rows_total", {"table": "dead_letters"}),
+    "inserted_aggregates": ("emofleet_sink_inserted_rows_total", {"table": "emotion_aggregates"}),
+    "inserted_frames": ("emofleet_sink_inserted_rows_total", {"table": "emotion_frames"}),
+    "rejected": ("emofleet_dead_letters_total", {"reason": REJECTED, "stage": "sink"}),
+    "dropped_dead_letters": ("emofleet_errors_total", {"kind": REJECTED}),
+    "skipped_replays": ("emofleet_sink_skipped_replays_total", {"by": "position"}),
+    "skipped_duplicates": ("emofleet_sink_skipped_replays_total", {"by": "id"}),
+    "insert_failures": ("emofleet_sink_insert_failures_total", {}),
+    "flushes": ("emofleet_sink_batch_rows_count", {}),
+}
+"""The campaign report's names for the sink's metric samples (bench/reliability_table.py reads them)."""
+
+
 class SinkRunner:
-    """The in-process ClickHouseSink in a thread; restartable, with an armable crash before commit."""
+    """The in-process ClickHouseSink in a thread; restartable, with an armable crash before commit. Every
+    sink it starts reports into the same metrics, so their counts add up over restarts."""
 
     def __init__(self, settings: Settings, client: FlakyClient, lock: threading.Lock) -> None:
         self.settings = settings
@@ -147,7 +166,7 @@ class SinkRunner:
         self.crash_armed = threading.Event()
         self.crashes = 0
         self.unplanned: list[str] = []
-        self.totals: dict[str, int] = {}
+        self.metrics = Metrics("sink")
         self._sink: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -159,11 +178,9 @@ class SinkRunner:
             raise SinkCrash("injected: the sink died between insert and commit")
 
     def start(self) -> None:
-        from emofleet.sinks.service import ClickHouseSink
-
         self._error = None
-        self._sink = ClickHouseSink(self.settings, self.client, make_codec(), client_lock=self.lock,
-                                    before_commit=self._before_commit)
+        self._sink = SinkWithCommitHook(self.settings, self.client, make_codec(), client_lock=self.lock,
+                                        metrics=self.metrics, before_commit=self._before_commit)
         sink = self._sink
 
         def run() -> None:
@@ -179,23 +196,18 @@ class SinkRunner:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _collect(self) -> None:
-        for name, value in vars(self._sink.stats).items():
-            self.totals[name] = self.totals.get(name, 0) + value
-
     def restart_if_dead(self) -> bool:
         """Restart a sink that died (a planned crash or anything else); True when it did."""
         if self.alive or self._thread is None:
             return False
-        self._collect()
         if not isinstance(self._error, SinkCrash):
             self.unplanned.append(repr(self._error))
         self.start()
         return True
 
     def stats(self) -> dict[str, int]:
-        current = vars(self._sink.stats) if self._sink is not None else {}
-        return {k: self.totals.get(k, 0) + current.get(k, 0) for k in set(self.totals) | set(current)}
+        """The sinks' counts so far, under the names of :data:`SINK_COUNTS`."""
+        return {key: int(metric(self.metrics, name, **labels)) for key, (name, labels) in SINK_COUNTS.items()}
 
     def stop(self) -> None:
         if self._sink is not None:
@@ -203,7 +215,6 @@ class SinkRunner:
         if self._thread is not None:
             self._thread.join(60)
             assert not self._thread.is_alive(), "the sink did not stop"
-            self._collect()
             self._sink = None
 
 

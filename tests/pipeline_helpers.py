@@ -1,11 +1,12 @@
-"""Shared pieces of processor tests: clips on disk, references on the audio topic, reading outcomes."""
+"""Shared pieces of pipeline tests: clips on disk, references on the audio topic, reading outcomes, a sink
+to break."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from confluent_kafka.admin import AdminClient
 from emofleet.processors.service import Processor, build_processor
 from emofleet.samples import write_samples
 from emofleet.schemas.codec import make_codec
+from emofleet.sinks.service import Batch, ClickHouseSink
 from emofleet.streams.config import Settings
 from emofleet.streams.producer import AudioReferenceProducer
 from emofleet.streams.references import make_reference
@@ -88,3 +90,16 @@ class FlakyClient:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
+
+
+class SinkWithCommitHook(ClickHouseSink):
+    """The sink, calling ``before_commit`` once a batch is stored and before its offsets are committed: where
+    a test makes it die between insert and commit."""
+
+    def __init__(self, *args: Any, before_commit: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._before_commit = before_commit
+
+    def _commit(self, batch: Batch) -> None:
+        self._before_commit()
+        super()._commit(batch)

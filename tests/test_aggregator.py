@@ -20,20 +20,20 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from emofleet.schemas.codec import make_codec
-from emofleet.sinks.samples import sample_events
+from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 from emofleet.streams.aggregator import scope_topic
 from emofleet.streams.config import Settings, to_env
 from emofleet.streams.producer import idempotent_producer_config
 from emofleet.streams.topics import TopicSpec, ensure_topics, pipeline_topics
 
 from kafka_helpers import TopicReader
+from metrics_helpers import metric
+from sink_samples import sample_events
 
 pytestmark = pytest.mark.slow
 
 S = 1000
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % (300 * S)  # aligned to 5 minutes
-NEGATIVE = {"angry", "disgusted", "fearful", "sad"}
-EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
 
 
 def aggregator_settings(settings: Settings, *, results_partitions: int, **aggregate: Any) -> Settings:
@@ -146,7 +146,7 @@ def expected_windows(events: list[dict]) -> dict[tuple, dict]:
         expected[key] = {
             "clips": len(items),
             "label_counts": {name: sum(1 for e in items if e["label"] == name) for name in EMOTIONS},
-            "negativity": sum(1 for e in items if e["label"] in NEGATIVE) / len(items),
+            "negativity": sum(1 for e in items if e["label"] in NEGATIVE_LABELS) / len(items),
             "first_event_at": min(e["reference_produced_at"] for e in items),
             "last_event_at": max(e["reference_produced_at"] for e in items),
             "mean_confidence": sum(e["confidence"] for e in items) / len(items)}
@@ -410,7 +410,8 @@ def test_sink_writes_aggregates_once_per_aggregate_id(settings: Settings) -> Non
     thread.start()
     try:
         deadline = time.monotonic() + 60
-        while sink.stats.inserted_aggregates < 2 * len(records) and time.monotonic() < deadline:
+        while (metric(sink.metrics, "emofleet_sink_inserted_rows_total", table="emotion_aggregates") < 2 * len(records)
+               and time.monotonic() < deadline):
             time.sleep(0.05)  # polling the sink's counter, bounded by the deadline
     finally:
         sink.stop()

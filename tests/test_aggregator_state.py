@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
+from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 from emofleet.streams.aggregator import LaneTracker, Outputs, ScopeAggregator
 from emofleet.streams.windows import (
-    EMOTIONS,
-    NEGATIVE_LABELS,
     AggregateConfig,
     NegativityRule,
     Observation,

@@ -26,9 +26,10 @@ from emofleet.sinks.analytics import (
 )
 from emofleet.sinks.clickhouse import connect, insert_rows
 from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
-from emofleet.sinks.samples import sample_dead_letter, sample_events
 from emofleet.sinks.schema import migrate
 from emofleet.streams.config import ClickHouseSettings
+
+from sink_samples import sample_dead_letter, sample_events
 
 DB = "report"
 T0_DT = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)

@@ -23,9 +23,10 @@ import pytest
 
 from audio_fixtures import encode, tone, wav
 from emofleet.processors.audio import (
-    MIN_MODEL_SAMPLES, SAMPLE_RATE, AudioError, AudioLoader, decode_audio, windows,
+    MIN_MODEL_SAMPLES, AudioError, AudioLoader, decode_audio, windows,
 )
 from emofleet.processors.fetch import MAX_REDIRECTS, host_allowed, shown
+from emofleet.schemas.emotions import SAMPLE_RATE
 from emofleet.streams.config import AudioSettings
 
 HOUR = 3600.0

@@ -16,9 +16,10 @@ import pytest
 from emofleet.cli import build_parser, main
 from emofleet.sinks.clickhouse import connect, insert_rows
 from emofleet.sinks.rows import EVENT_COLUMNS, event_row
-from emofleet.sinks.samples import sample_events
 from emofleet.sinks.schema import MIGRATIONS, migrate
 from emofleet.streams.config import ClickHouseSettings
+
+from sink_samples import sample_events
 
 # the CLI as users run it, with no EMOFLEET_* settings leaking in from the test environment
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("EMOFLEET_")}

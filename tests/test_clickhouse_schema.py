@@ -32,7 +32,6 @@ from emofleet.sinks.rows import (
     frame_rows,
     millis_to_datetime,
 )
-from emofleet.sinks.samples import sample_dead_letter, sample_events
 from emofleet.sinks.schema import (
     EXPECTED_COLUMNS,
     MIGRATIONS,
@@ -46,6 +45,8 @@ from emofleet.sinks.schema import (
     migrate,
 )
 from emofleet.streams.config import ClickHouseSettings, Secret
+
+from sink_samples import sample_dead_letter, sample_events
 
 DB = "emo"
 T0 = 1_709_287_200_000  # 2024-03-01 10:00:00 UTC, epoch ms

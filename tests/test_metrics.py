@@ -149,7 +149,6 @@ def test_processor_and_sink_metrics_match_the_real_counts(settings: Settings, tm
     assert value(final, "emofleet_commit_failures_total") == 0
     assert value(final, "emofleet_model_info", model=tiny_model.model_id, revision=tiny_model.revision,
                  device=tiny_model.device, precision=tiny_model.precision) == 1
-    assert processor.step.dead_lettered == 4 and processor.loop.stats.commits >= 1, "old stats still kept"
 
     # The sink reads those results and dead letters into ClickHouse; one insert fails first.
     client = connect(settings.clickhouse, settings.clickhouse_dsn)
@@ -183,7 +182,7 @@ def test_processor_and_sink_metrics_match_the_real_counts(settings: Settings, tm
     assert value(stored, "emofleet_sink_batch_rows_sum") == produced + 4
     assert value(stored, "emofleet_commit_seconds_count", mode="sync") >= 1
     assert (name := "emofleet_model_info") not in {n for n, _ in stored}, f"{name} is the processor's alone"
-    assert sink.stats.inserted_events == produced and sink.stats.insert_failures == flaky.failed
+    assert value(stored, "emofleet_sink_insert_failures_total") == flaky.failed
 
 
 def test_readiness_follows_the_broker_going_away_and_coming_back(settings: Settings, tmp_path: Path,

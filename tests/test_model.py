@@ -19,7 +19,6 @@ import pytest
 import torch
 from emofleet.processors.batched import batched_features, in_fp32_submodule
 from emofleet.processors.model import (
-    EMOTIONS,
     EmotionModel,
     ModelLoadError,
     Prediction,
@@ -32,6 +31,7 @@ from emofleet.processors.tiny_model import (
     build_random_model,
     emotion2vec_config,
 )
+from emofleet.schemas.emotions import EMOTIONS
 from emofleet.streams.config import ModelSettings
 
 SR = 16_000

@@ -15,6 +15,7 @@ from emofleet.schemas.codec import make_codec
 from emofleet.streams.config import Settings
 from emofleet.streams.references import make_reference
 
+from metrics_helpers import metric, metric_total
 from pipeline_helpers import create_topics, enqueue_uris, outcomes, running_processor, sample_uris
 
 
@@ -34,7 +35,7 @@ def test_processor_turns_references_into_events(settings: Settings, tmp_path: Pa
     assert event["model_id"] and event["label"] in event["scores"] and not event["cache_hit"]
     assert abs(sum(event["scores"].values()) - 1) < 1e-4
     assert event["source_topic"] == settings.kafka.audio_topic
-    assert processor.step.times.batches < len(references), "clips were batched"
+    assert metric(processor.metrics, "emofleet_batch_clips_count") < len(references), "clips were batched"
 
 
 def test_long_audio_gets_an_event_per_window_and_one_for_the_clip(settings: Settings, tmp_path: Path,
@@ -141,8 +142,9 @@ def test_same_content_is_computed_once_and_served_from_cache(settings: Settings,
     assert len(replayed) == len(second)
     assert all(e["event_id"] == computed[e["audio_id"]]["event_id"] for e in replayed), "replays keep their ids"
     assert all(e["scores"] == computed[e["audio_id"]]["scores"] for e in replayed)
-    assert processor.step.cache.stats.hits == len(hits)
-    assert processor.step.times.clips == len(uris), "the model ran once per distinct clip"
+    assert metric(processor.metrics, "emofleet_cache_hits_total") == len(hits)
+    assert metric(processor.metrics, "emofleet_model_batch_windows_sum") == len(uris), \
+        "the model ran once per distinct clip"
 
 
 def test_redis_down_processing_goes_on_without_the_cache(settings: Settings, tmp_path: Path, tiny_model) -> None:
@@ -154,7 +156,7 @@ def test_redis_down_processing_goes_on_without_the_cache(settings: Settings, tmp
         events, dead = outcomes(settings, len(references))
 
     assert dead == [] and len(events) == len(references)
-    assert processor.step.cache.stats.errors >= 1
+    assert metric_total(processor.metrics, "emofleet_cache_errors_total") >= 1
     assert not any(e["cache_hit"] for e in events)
 
 
@@ -169,6 +171,8 @@ def test_full_in_flight_work_pauses_fetching_and_resumes(settings: Settings, tmp
         events, dead = outcomes(settings, len(references))
 
     assert dead == [] and len(events) == len(references)
-    assert processor.loop.stats.pauses >= 1, "the loop paused its partitions when work piled up"
-    assert processor.loop.stats.peak_in_flight <= 6 + settings.kafka.partitions, "memory stays bounded"
+    assert metric(processor.metrics, "emofleet_backpressure_pauses_total") >= 1, \
+        "the loop paused its partitions when work piled up"
+    assert metric(processor.metrics, "emofleet_in_flight_messages_peak") <= 6 + settings.kafka.partitions, \
+        "memory stays bounded"
     assert not processor.loop.paused or processor.loop.in_flight() == 0

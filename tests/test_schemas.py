@@ -23,6 +23,7 @@ from emofleet.schemas.codec import (
     make_codec,
     schema_versions,
 )
+from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 
 TOPICS = {"audio_reference": "emofleet.audio", "emotion_event": "emofleet.emotions",
           "dead_letter": "emofleet.dead-letters", "emotion_aggregate": "emofleet.aggregates",
@@ -220,6 +221,17 @@ def test_emotion_enum_and_scores_agree() -> None:
     assert emotion["default"] == "unknown"
     assert [f["name"] for f in fields["scores"]["fields"]] == emotion["symbols"]
     assert all(f["type"] == "float" for f in fields["scores"]["fields"])
+
+
+def test_emotions_are_the_enum_symbols_in_the_models_output_order() -> None:
+    # emotion2vec+'s tokens.txt in order (../shared/FACTS.md): 生气/angry, 厌恶/disgusted, 恐惧/fearful, 开心/happy,
+    # 中立/neutral, 其他/other, 难过/sad, 吃惊/surprised, <unk>
+    assert EMOTIONS == ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
+    label = next(f["type"] for f in load_schema("emotion_event")["fields"] if f["name"] == "label")
+    assert tuple(label["symbols"]) == EMOTIONS
+    counts = next(f["type"] for f in load_schema("emotion_aggregate")["fields"] if f["name"] == "label_counts")
+    assert tuple(f["name"] for f in counts["fields"]) == EMOTIONS
+    assert NEGATIVE_LABELS == tuple(e for e in EMOTIONS if e in {"angry", "disgusted", "fearful", "sad"})
 
 
 def test_schema_versions_and_load_schema() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +21,8 @@ from emofleet.sinks.service import ClickHouseSink
 from emofleet.streams.config import Settings
 from emofleet.streams.dead_letters import Lineage
 
-from pipeline_helpers import FlakyClient, create_topics
+from metrics_helpers import metric
+from pipeline_helpers import FlakyClient, SinkWithCommitHook, create_topics
 
 
 def make_events(count: int, *, start: int = 0) -> list[dict]:
@@ -64,9 +65,14 @@ def chdb(sink_settings: Settings) -> Iterator[object]:
 
 
 @contextmanager
-def running_sink(settings: Settings, client: object, **kwargs: object) -> Iterator[ClickHouseSink]:
+def running_sink(settings: Settings, client: object, *, before_commit: Callable[[], None] | None = None,
+                 **kwargs: object) -> Iterator[ClickHouseSink]:
     lock = threading.Lock()
-    sink = ClickHouseSink(settings, client, make_codec(), client_lock=lock, **kwargs)
+    if before_commit is None:
+        sink = ClickHouseSink(settings, client, make_codec(), client_lock=lock, **kwargs)
+    else:
+        sink = SinkWithCommitHook(settings, client, make_codec(), client_lock=lock, before_commit=before_commit,
+                                  **kwargs)
     server = QueryServer(direct_runner(client, lock), settings.data_dir)
     server.start()
     errors: list[BaseException] = []
@@ -115,7 +121,7 @@ def test_events_land_once_and_queries_route_through_the_owner(sink_settings: Set
             run(f"INSERT INTO {database}.emotion_events (event_id) VALUES ('x')", {})
 
     assert (rows, ids) == (500, 500)
-    assert sink.stats.flushes >= 2, "rows were batched by count and time"
+    assert metric(sink.metrics, "emofleet_sink_batch_rows_count") >= 2, "rows were batched by count and time"
     assert owner_runner(sink_settings.data_dir) is None, "the owner file is removed on stop"
 
 
@@ -144,7 +150,7 @@ def test_crash_between_insert_and_commit_leaves_no_duplicates(sink_settings: Set
         rows, ids = wait_rows(run, database, len(events))
 
     assert (rows, ids) == (600, 600), "zero duplicate rows (no FINAL) and zero missing"
-    assert restarted.stats.skipped_replays >= stored_before_restart
+    assert metric(restarted.metrics, "emofleet_sink_skipped_replays_total", by="position") >= stored_before_restart
 
 
 def test_insert_failures_pause_and_retry_without_loss(sink_settings: Settings, chdb) -> None:
@@ -165,7 +171,7 @@ def test_insert_failures_pause_and_retry_without_loss(sink_settings: Settings, c
         rows, ids = wait_rows(owner_runner(sink_settings.data_dir), database, 400)
 
     assert (rows, ids) == (400, 400)
-    assert sink.stats.insert_failures >= 3
+    assert metric(sink.metrics, "emofleet_sink_insert_failures_total") >= 3
 
 
 def test_malformed_events_reach_the_dead_letter_table(sink_settings: Settings, chdb) -> None:

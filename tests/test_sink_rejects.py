@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from emofleet.schemas.codec import make_codec
-from emofleet.sinks.rows import EMOTIONS, pooled_frames
-from emofleet.sinks.samples import sample_dead_letter, sample_events
-from emofleet.sinks.service import REJECTED
+from emofleet.schemas.emotions import EMOTIONS
+from emofleet.sinks.rows import pooled_frames
+from emofleet.sinks.service import REJECTED, ClickHouseSink
 from emofleet.streams.config import Settings
 
+from metrics_helpers import metric
+from sink_samples import sample_dead_letter, sample_events
 from test_sink import chdb, make_events, running_sink, sink_settings  # noqa: F401 - fixtures
 
 T = TypeVar("T")
@@ -26,6 +28,11 @@ def wait_for(probe: Callable[[], T], timeout: float = 60) -> T:
     while not (value := probe()) and time.monotonic() < deadline:
         time.sleep(0.05)  # polling the sink's progress, bounded
     return value
+
+
+def inserted(sink: ClickHouseSink, table: str) -> float:
+    """Rows of ``table`` ClickHouse acknowledged to this sink."""
+    return metric(sink.metrics, "emofleet_sink_inserted_rows_total", table=table)
 
 
 def produce(settings: Settings, schema: str, topic: str, records: list[dict],
@@ -74,11 +81,11 @@ def test_a_row_clickhouse_rejects_becomes_a_dead_letter_and_the_rest_goes_on(sin
     bad_partition, bad_offset = positions[9]
 
     with running_sink(sink_settings, chdb) as sink:
-        stored = wait_for(lambda: sink.stats.inserted_events >= 39 and sink.stats.inserted_dead_letters >= 1)
-        assert stored, sink.stats
+        assert wait_for(lambda: inserted(sink, "emotion_events") >= 39 and inserted(sink, "dead_letters") >= 1), \
+            (inserted(sink, "emotion_events"), inserted(sink, "dead_letters"))
         later = make_events(1, start=40)
         positions += produce(sink_settings, "emotion_event", topic, later, [(bad_partition + 1) % 4])
-        assert wait_for(lambda: sink.stats.inserted_events >= 40), sink.stats
+        assert wait_for(lambda: inserted(sink, "emotion_events") >= 40), inserted(sink, "emotion_events")
         assert wait_for(lambda: committed(sink_settings, topic) == ends(positions)), committed(sink_settings, topic)
 
     assert sink.errors == []  # type: ignore[attr-defined]
@@ -93,9 +100,8 @@ def test_a_row_clickhouse_rejects_becomes_a_dead_letter_and_the_rest_goes_on(sin
     assert dead["key"] == b"k9" and dead["audio_id"] == events[9]["audio_id"].encode()
     message = dead["error_message"].decode()
     assert "conf_ok" in message and "VIOLATED_CONSTRAINT" in message and "\n" not in message
-    assert sink.stats.rejected == 1 and sink.stats.dropped_dead_letters == 0
-    assert sink.metrics.registry.get_sample_value(
-        "emofleet_dead_letters_total", {"reason": REJECTED, "stage": "sink"}) == 1.0
+    assert metric(sink.metrics, "emofleet_dead_letters_total", reason=REJECTED, stage="sink") == 1
+    assert metric(sink.metrics, "emofleet_errors_total", kind=REJECTED) == 0, "no dead letter was dropped"
 
 
 def test_a_rejected_dead_letter_is_logged_and_counted_not_sent_round_again(sink_settings: Settings, chdb) -> None:
@@ -111,8 +117,8 @@ def test_a_rejected_dead_letter_is_logged_and_counted_not_sent_round_again(sink_
     assert sink.errors == []  # type: ignore[attr-defined]
     assert [r["source_offset"] for r in query(chdb, f"SELECT source_offset FROM {database}.dead_letters "
                                                     "ORDER BY source_offset")] == [0, 2]
-    assert (sink.stats.dropped_dead_letters, sink.stats.rejected) == (1, 0)
-    assert sink.metrics.registry.get_sample_value("emofleet_errors_total", {"kind": REJECTED}) == 1.0
+    assert metric(sink.metrics, "emofleet_errors_total", kind=REJECTED) == 1, "the rejected dead letter was dropped"
+    assert metric(sink.metrics, "emofleet_dead_letters_total", reason=REJECTED, stage="sink") == 0
     assert sink.metrics.registry.get_sample_value("emofleet_messages_out_total", {"topic": topic}) is None, \
         "nothing was produced back to the dead-letter topic"
 
@@ -150,7 +156,7 @@ def test_frame_rows_reach_emotion_frames_bounded_and_once_across_a_crash(sink_se
             raise Crash("killed between insert and commit")
 
     with running_sink(settings, chdb, before_commit=crash_once) as crashed:
-        assert wait_for(lambda: crashed.stats.inserted_frames > 0), "frames were in the batch that crashed"
+        assert wait_for(lambda: inserted(crashed, "emotion_frames") > 0), "frames were in the batch that crashed"
     assert isinstance(crashed.errors[0], Crash)  # type: ignore[attr-defined]
 
     with running_sink(settings, chdb) as restarted:

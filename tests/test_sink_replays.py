@@ -15,12 +15,13 @@ import pytest
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.query_server import direct_runner, owner_runner
-from emofleet.sinks.samples import sample_dead_letter
 from emofleet.sinks.schema import migrate
-from emofleet.sinks.service import RecentIds
+from emofleet.sinks.service import ClickHouseSink, RecentIds
 from emofleet.streams.config import Settings
 
+from metrics_helpers import metric
 from pipeline_helpers import create_topics
+from sink_samples import sample_dead_letter
 from test_sink import counts, make_events, publish, running_sink, wait_rows
 
 
@@ -36,6 +37,11 @@ def chdb(sink_settings: Settings):
     migrate(client, sink_settings.clickhouse.database)
     yield client
     client.close()
+
+
+def skipped_ids(sink: ClickHouseSink) -> float:
+    """Messages the sink dropped because it had already stored their id (a processor's replay)."""
+    return metric(sink.metrics, "emofleet_sink_skipped_replays_total", by="id")
 
 
 def test_recent_ids_are_bounded_and_forget_the_oldest_first() -> None:
@@ -69,14 +75,14 @@ def test_replayed_events_and_dead_letters_are_stored_once(sink_settings: Setting
         import time
 
         deadline = time.monotonic() + 30
-        while sink.stats.skipped_duplicates < 61 and time.monotonic() < deadline:
+        while skipped_ids(sink) < 61 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the sink's progress, bounded
         (dead,) = run(f"SELECT count() AS rows, uniqExact(dead_letter_id) AS ids FROM {database}.dead_letters", {})
 
     assert counts(direct_runner(chdb), database) == (300, 300), "no duplicate rows without FINAL"
     assert (dead["rows"], dead["ids"]) == (2, 2)
-    assert sink.stats.skipped_duplicates == 61
-    assert sink.stats.inserted_events == 300
+    assert skipped_ids(sink) == 61
+    assert metric(sink.metrics, "emofleet_sink_inserted_rows_total", table="emotion_events") == 300
 
 
 def test_a_restarted_sink_remembers_what_is_stored(sink_settings: Settings, chdb) -> None:
@@ -94,11 +100,11 @@ def test_a_restarted_sink_remembers_what_is_stored(sink_settings: Settings, chdb
         import time
 
         deadline = time.monotonic() + 30
-        while restarted.stats.skipped_duplicates < 30 and time.monotonic() < deadline:
+        while skipped_ids(restarted) < 30 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the sink's progress, bounded
 
     assert counts(direct_runner(chdb), database) == (220, 220)
-    assert restarted.stats.skipped_duplicates == 30
+    assert skipped_ids(restarted) == 30
 
 
 class _CommitFailsOnce:

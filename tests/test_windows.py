@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from emofleet.schemas.codec import make_codec
+from emofleet.schemas.emotions import EMOTIONS
 from emofleet.streams.config import AggregateSettings
 from emofleet.streams.windows import (
-    EMOTIONS,
     AggregateConfig,
     CallRun,
     NegativityRule,

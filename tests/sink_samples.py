@@ -1,4 +1,4 @@
-"""Realistic EmotionEvent / DeadLetter records for tests, demos and benchmarks of the sink.
+"""Realistic EmotionEvent / DeadLetter records for the sink's tests (and bench/sink.py).
 
 The events are made by the processors' own :func:`emofleet.processors.events.emotion_events` (so their
 shape can never drift from what the processors publish); that module imports the model code (torch),
@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from emofleet.sinks.rows import EMOTIONS
+from emofleet.schemas.emotions import EMOTIONS
 
 
 def scores_for(label: str, confidence: float) -> list[float]:
