@@ -16,6 +16,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY emofleet ./emofleet
+COPY core ./core
 COPY streams ./streams
 COPY processors ./processors
 COPY schemas ./schemas

@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from emofleet.infra.local_stack import redis_answers, start_broker, stop_process
-from emofleet.streams.config import AudioSettings, BatchSettings, CacheSettings, KafkaSettings, Settings
+from emofleet.core.config import AudioSettings, BatchSettings, CacheSettings, KafkaSettings, Settings
 from emofleet.streams.topics import TopicSpec, ensure_topics, pipeline_topics
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

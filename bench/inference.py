@@ -80,11 +80,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from emofleet.processors.batching import plan_batches
+from emofleet.processors.batch_plan import plan_batches
 from emofleet.processors.model import native_cpu_bf16
 from emofleet.samples import synth_clip
 from emofleet.schemas.emotions import SAMPLE_RATE
-from emofleet.streams.config import ModelSettings
+from emofleet.core.config import ModelSettings
 
 from harness import log, machine_line, markdown_table, median
 
@@ -193,7 +193,7 @@ def load(directory: Path, precision: str, device: str, threads: int) -> tuple[An
 
 def flops_per_clip(module: Any, num_samples: int) -> dict[str, float]:
     """Forward FLOPs (2 x multiply-adds) of one clip, by component, from the funasr module's shapes."""
-    from emofleet.processors.batched import frame_count
+    from emofleet.processors.packed_forward import frame_count
 
     encoder = module.modality_encoders["AUDIO"]
     flops = {"conv": 0.0, "linear": 0.0, "attention": 0.0}

@@ -5,7 +5,7 @@
 The real pipeline as ``emofleet up`` runs it: an embedded Tansu broker, the real Redis (unique key
 prefix, deleted afterwards), and child processes ``python -m emofleet.cli process`` (N of them) and
 ``python -m emofleet.cli sink``, supervised by ``emofleet.up.Supervisor`` with the environment
-``emofleet.up.child_env(settings)`` (= ``streams.config.to_env``), the sink owning a fresh chDB
+``emofleet.up.child_env(settings)`` (= ``core.config.to_env``), the sink owning a fresh chDB
 directory under a temporary data directory. The tiny model is built once into
 ``<data_dir>/models/tiny-emotion2vec`` before the children start (each processor loads it from there).
 Production defaults for batching: processor ``BatchSettings()`` (max wait 200 ms, 16 clips), sink
@@ -46,7 +46,7 @@ from dataclasses import replace
 from typing import Any
 
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import BatchSettings, ClickHouseSettings, ModelSettings, Settings
+from emofleet.core.config import BatchSettings, ClickHouseSettings, ModelSettings, Settings
 from emofleet.streams.producer import AudioReferenceProducer
 from emofleet.streams.references import make_reference
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from emofleet.processors.batching import plan_batches
+from emofleet.processors.batch_plan import plan_batches
 from emofleet.processors.model import EmotionModel
 from emofleet.schemas.emotions import EMOTIONS, SAMPLE_RATE
 

@@ -45,9 +45,9 @@ from confluent_kafka.admin import AdminClient
 from emofleet.samples import write_samples
 from emofleet.schemas.codec import make_codec
 from emofleet.schemas.emotions import SAMPLE_RATE
-from emofleet.streams.config import BatchSettings, ModelSettings, Settings
+from emofleet.core.config import BatchSettings, ModelSettings, Settings
 from emofleet.streams.consumer import consumer_config
-from emofleet.streams.metrics import Metrics
+from emofleet.core.metrics import Metrics
 from emofleet.streams.producer import AudioReferenceProducer, idempotent_producer_config
 from emofleet.streams.references import make_reference
 

@@ -30,7 +30,7 @@ from dataclasses import replace
 from confluent_kafka import Producer
 
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import KafkaSettings
+from emofleet.core.config import KafkaSettings
 from emofleet.streams.producer import AudioReferenceProducer, idempotent_producer_config
 from emofleet.streams.references import make_reference, message_key
 

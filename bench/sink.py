@@ -3,7 +3,7 @@
     python bench/sink.py [--events N] [--batch-rows R] [--rounds K] [--no-what-if]
 
 One process, one embedded Tansu broker, ONE chDB data path for the whole run (chDB allows one path per
-process); every run gets a fresh database, migrated with ``sinks.schema.migrate`` (so the events table
+process); every run gets a fresh database, migrated with ``sinks.migrations.migrate`` (so the events table
 has its materialized view and deduplication window, as in production), dropped afterwards.
 
 The same N EmotionEvents (made by the processors' own ``emotion_events`` via ``tests/sink_samples.py``, a mix of
@@ -58,8 +58,8 @@ from emofleet.schemas.emotions import EMOTIONS
 from emofleet.sinks import service as sink_service
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.rows import EVENT_COLUMNS, event_row
-from emofleet.sinks.schema import EVENTS_TABLE, migrate, quote_identifier
-from emofleet.streams.config import Settings
+from emofleet.sinks.migrations import EVENTS_TABLE, migrate, quote_identifier
+from emofleet.core.config import Settings
 
 from harness import (
     DEFAULT_REDIS_URL, bench_settings, create_pipeline_topics, embedded_broker, log, machine_line, markdown_table,

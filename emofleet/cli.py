@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from emofleet.streams import config as cfg
+from emofleet.core import config as cfg
 
 
 class UserError(Exception):
@@ -303,7 +303,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from emofleet.sinks.clickhouse import chdb_lock_holder, connect
-    from emofleet.sinks.schema import check_drift, migrate
+    from emofleet.sinks.migrations import check_drift, migrate
 
     settings = load_settings(args)
     dsn, database = settings.clickhouse_dsn, settings.clickhouse.database
@@ -391,7 +391,7 @@ def _print_report(run: Any, settings: cfg.Settings, plot: Path | None, *, since:
 
 def _configure_logging(level: str, settings: cfg.Settings | None = None) -> None:
     """Text or JSON lines (EMOFLEET_OBSERVABILITY_LOG_FORMAT / --log-format), every secret masked."""
-    from emofleet.streams.logs import configure_logging, secret_values
+    from emofleet.core.logs import configure_logging, secret_values
 
     settings = settings or cfg.Settings()
     configure_logging(level, settings.observability.log_format, secret_values(settings))

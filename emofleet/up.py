@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from emofleet.sinks.query_server import QueryError, QueryRunner
-from emofleet.streams.config import Settings, to_env
+from emofleet.core.config import Settings, to_env
 
 RunKey = tuple[str, int]  # (audio_id, produced_at ms): one reference of this run
 LOG_TAIL_LINES = 12
@@ -223,7 +223,7 @@ class ResultsTap:
     def __init__(self, settings: Settings, codec: Any) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        from emofleet.streams.logs import kafka_logger
+        from emofleet.core.logs import kafka_logger
 
         kafka = settings.kafka
         self._codec = codec

@@ -37,7 +37,7 @@ import soxr
 
 from emofleet.processors.fetch import AudioError, Fetcher
 from emofleet.schemas.emotions import SAMPLE_RATE
-from emofleet.streams.config import AudioSettings
+from emofleet.core.config import AudioSettings
 
 __all__ = [
     "MIN_MODEL_SAMPLES", "Audio", "AudioError", "AudioLoader", "decode_audio", "windows",

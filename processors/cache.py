@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 import redis
 
-from emofleet.streams.config import CacheSettings
-from emofleet.streams.metrics import Metrics
+from emofleet.core.config import CacheSettings
+from emofleet.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
-from emofleet.streams.config import AudioSettings
+from emofleet.core.config import AudioSettings
 
 MAX_REDIRECTS = 5
 _CHUNK = 1 << 20

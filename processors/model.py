@@ -42,10 +42,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from emofleet.processors.batched import batched_features, frame_count, in_fp32_submodule, min_samples
+from emofleet.processors.packed_forward import batched_features, frame_count, in_fp32_submodule, min_samples
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.schemas.emotions import EMOTIONS, SAMPLE_RATE
-from emofleet.streams.config import ModelSettings
+from emofleet.core.config import ModelSettings
 
 __all__ = [
     "EmotionModel",

@@ -16,10 +16,10 @@ from confluent_kafka import Producer
 from emofleet.processors.model import EmotionModel, load_model
 from emofleet.processors.step import InferenceStep
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import Settings, describe
+from emofleet.core.config import Settings, describe
 from emofleet.streams.consumer import ConsumerLoop, consumer_config
-from emofleet.streams.logs import kafka_logger
-from emofleet.streams.metrics import Metrics, processor_health, serve
+from emofleet.core.logs import kafka_logger
+from emofleet.core.metrics import Metrics, processor_health, serve
 from emofleet.streams.producer import idempotent_producer_config
 
 log = logging.getLogger(__name__)

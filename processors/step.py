@@ -28,17 +28,17 @@ import numpy as np
 from confluent_kafka import KafkaError, Message, Producer
 
 from emofleet.processors.audio import Audio, AudioError, AudioLoader, windows
-from emofleet.processors.batching import plan_batches
+from emofleet.processors.batch_plan import plan_batches
 from emofleet.processors.cache import ResultCache, cache_namespace
 from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events
 from emofleet.processors.model import EmotionModel, Prediction
 from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.schemas.emotions import SAMPLE_RATE
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.consumer import Reporter
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
-from emofleet.streams.logs import add_log_context, with_log_context
-from emofleet.streams.metrics import Metrics
+from emofleet.core.logs import add_log_context, with_log_context
+from emofleet.core.metrics import Metrics
 from emofleet.streams.offsets import TopicPartition
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from typing import Any
 from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 from emofleet.sinks.rows import datetime_to_millis, millis_to_datetime
 from emofleet.sinks.query_server import QueryRunner, json_value
-from emofleet.sinks.schema import DEAD_LETTERS_TABLE, EVENTS_TABLE, quote_identifier
+from emofleet.sinks.migrations import DEAD_LETTERS_TABLE, EVENTS_TABLE, quote_identifier
 
 
 BUCKETS: dict[str, int] = {"minute": 60_000, "hour": 3_600_000, "day": 86_400_000}

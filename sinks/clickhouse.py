@@ -8,7 +8,7 @@ analytics never care which one they talk to.
   reported here as :class:`ClickHouseError` with a hint; within one process close a client before
   opening another path.
 * ``http://host:port`` / ``https://host:port`` - a ClickHouse server. Host, port and TLS come from the
-  DSN; the username and password from :class:`~emofleet.streams.config.ClickHouseSettings`
+  DSN; the username and password from :class:`~emofleet.core.config.ClickHouseSettings`
   (``EMOFLEET_CLICKHOUSE_USERNAME`` / ``EMOFLEET_CLICKHOUSE_PASSWORD``; the password is a ``Secret`` and
   never appears in messages or logs). A DSN carrying credentials (``https://user:pw@host``) is refused:
   the DSN is printed by ``emofleet config`` and startup logs. TLS certificates are verified; query
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from emofleet.sinks.schema import quote_identifier
-from emofleet.streams.config import ClickHouseSettings, redact_url
+from emofleet.sinks.migrations import quote_identifier
+from emofleet.core.config import ClickHouseSettings, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The sink calls these once per consumed message, so they are written for speed (m
 ~0.5-0.7 M rows/s for :func:`event_row` on the 2-core dev machine, see tests/test_clickhouse_schema.py):
 direct dict indexing, no per-row loops over column names, one precomputed epoch for timestamps.
 
-Conventions (they match ``sinks/schema.py``):
+Conventions (they match ``sinks/migrations.py``):
 
 * ``timestamp-millis`` fields arrive as ints (epoch milliseconds UTC, see ``schemas/codec.py``) and leave
   as timezone-aware UTC ``datetime`` objects, which clickhouse-connect writes into ``DateTime64(3, 'UTC')``

@@ -57,13 +57,13 @@ from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.sinks.clickhouse import dedup_settings, error_line, rejects_rows
 from emofleet.sinks.rows import (AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS, aggregate_row,
                                  dead_letter_row, event_row, frame_rows)
-from emofleet.sinks.schema import (AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, FRAMES_TABLE, last_offsets,
+from emofleet.sinks.migrations import (AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, FRAMES_TABLE, last_offsets,
                                    quote_identifier)
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.consumer import consumer_config, let_go
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
-from emofleet.streams.logs import kafka_logger
-from emofleet.streams.metrics import LagMonitor, Metrics
+from emofleet.core.logs import kafka_logger
+from emofleet.core.metrics import LagMonitor, Metrics
 from emofleet.streams.topics import topic_ids
 
 log = logging.getLogger(__name__)
@@ -549,9 +549,9 @@ def run_sink(settings: Settings) -> int:
     from emofleet.schemas.codec import make_codec
     from emofleet.sinks.clickhouse import connect
     from emofleet.sinks.query_server import QueryServer, direct_runner
-    from emofleet.sinks.schema import check_drift, migrate
-    from emofleet.streams.config import describe
-    from emofleet.streams.metrics import serve, sink_health
+    from emofleet.sinks.migrations import check_drift, migrate
+    from emofleet.core.config import describe
+    from emofleet.core.metrics import serve, sink_health
 
     log.info("starting sink with settings %s", json.dumps(describe(settings)))
     metrics = Metrics("sink")

@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from emofleet.streams.config import Settings, describe
+from emofleet.core.config import Settings, describe
 from emofleet.streams.topics import TopicSpec
 from emofleet.streams.windows import (
     AggregateConfig,
@@ -428,13 +428,13 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
     """The faust app for these settings (nothing global): topics, the state table, both agents.
 
     ``lanes`` is the partition count of the results topic (default ``settings.kafka.partitions``);
-    ``metrics`` a :class:`emofleet.streams.metrics.Metrics` to report into (default: a new one).
+    ``metrics`` a :class:`emofleet.core.metrics.Metrics` to report into (default: a new one).
     """
     import faust
 
     from emofleet.schemas.codec import SchemaError, make_codec
     from emofleet.streams.aiokafka_config import aiokafka_options, broker_credentials
-    from emofleet.streams.metrics import Metrics
+    from emofleet.core.metrics import Metrics
 
     metrics = metrics or Metrics("aggregator")
 
@@ -612,7 +612,7 @@ def run_aggregator(settings: Settings) -> int:
     if topics[scope_topic(settings)] != topics[changelog_topic(settings)]:
         raise RuntimeError(f"{scope_topic(settings)} and {changelog_topic(settings)} must have the same partition "
                            f"count (they have {topics[scope_topic(settings)]} and {topics[changelog_topic(settings)]})")
-    from emofleet.streams.metrics import Metrics, aggregator_health, serve
+    from emofleet.core.metrics import Metrics, aggregator_health, serve
 
     metrics = Metrics("aggregator")
     server = serve(settings.observability, metrics,  # None when metrics_port is 0

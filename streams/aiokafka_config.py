@@ -21,7 +21,7 @@ from urllib.request import Request, urlopen
 
 from aiokafka.abc import AbstractTokenProvider
 
-from emofleet.streams.config import ConfigError, KafkaSettings, Secret
+from emofleet.core.config import ConfigError, KafkaSettings, Secret
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")

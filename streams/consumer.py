@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from emofleet.streams.config import BatchSettings, KafkaSettings
-from emofleet.streams.logs import kafka_logger
-from emofleet.streams.metrics import CommitTimer, LagMonitor, Metrics
+from emofleet.core.config import BatchSettings, KafkaSettings
+from emofleet.core.logs import kafka_logger
+from emofleet.core.metrics import CommitTimer, LagMonitor, Metrics
 from emofleet.streams.offsets import OffsetTracker
 from emofleet.streams.offsets import TopicPartition as TP
 

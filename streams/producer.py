@@ -9,7 +9,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from emofleet.schemas.codec import Codec
-from emofleet.streams.config import KafkaSettings
+from emofleet.core.config import KafkaSettings
 from emofleet.streams.references import message_key
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from emofleet.streams.config import KafkaSettings
+from emofleet.core.config import KafkaSettings
 
 
 @dataclass(frozen=True)

@@ -471,7 +471,7 @@ class ScopeState:
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    """What the aggregation needs from :class:`emofleet.streams.config.AggregateSettings`, in milliseconds."""
+    """What the aggregation needs from :class:`emofleet.core.config.AggregateSettings`, in milliseconds."""
 
     specs: tuple[WindowSpec, ...]
     grace_ms: int

@@ -23,7 +23,7 @@ from emofleet.infra.backends import (
     BackendError, Endpoints, backend_name, containers, docker_unreachable, external_endpoints,
 )
 from emofleet.infra.local_stack import ensure_redis, start_broker, stop_process
-from emofleet.streams.config import BatchSettings, KafkaSettings, Secret, Settings
+from emofleet.core.config import BatchSettings, KafkaSettings, Secret, Settings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -135,6 +135,6 @@ def redis_client(settings: Settings) -> Iterator[object]:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> object:
     """One loaded tiny emotion2vec for every in-process processor test (FunASR's import costs ~8 s)."""
     from emofleet.processors.model import load_model
-    from emofleet.streams.config import ModelSettings
+    from emofleet.core.config import ModelSettings
 
     return load_model(ModelSettings(model="tiny"), cache_dir=tmp_path_factory.mktemp("models"))

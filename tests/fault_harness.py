@@ -43,8 +43,8 @@ from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.samples import synth_clip
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.service import REJECTED
-from emofleet.streams.config import Settings, to_env
-from emofleet.streams.metrics import Metrics
+from emofleet.core.config import Settings, to_env
+from emofleet.core.metrics import Metrics
 from emofleet.streams.producer import idempotent_producer_config
 from emofleet.streams.references import make_reference
 
@@ -688,7 +688,7 @@ def dedicated_redis(workdir: Path) -> Iterator[tuple[str, int]]:
 
 def campaign_settings(base: Settings, *, bootstrap: str, redis_url: str, name: str, data_dir: Path,
                       file_root: Path, http_host: str, database: str) -> Settings:
-    from emofleet.streams.config import AudioSettings, BatchSettings, ClickHouseSettings, KafkaSettings
+    from emofleet.core.config import AudioSettings, BatchSettings, ClickHouseSettings, KafkaSettings
 
     kafka = KafkaSettings(
         bootstrap_servers=bootstrap, audio_topic=f"{name}.audio", results_topic=f"{name}.emotions",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from emofleet.streams.metrics import Metrics
+from emofleet.core.metrics import Metrics
 
 
 def metric(metrics: Metrics, name: str, **labels: str) -> float:

@@ -16,7 +16,7 @@ from emofleet.processors.service import Processor, build_processor
 from emofleet.samples import write_samples
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.service import Batch, ClickHouseSink
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.producer import AudioReferenceProducer
 from emofleet.streams.references import make_reference
 from emofleet.streams.topics import ensure_topics, pipeline_topics

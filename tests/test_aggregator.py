@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 from emofleet.schemas.codec import make_codec
 from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 from emofleet.streams.aggregator import scope_topic
-from emofleet.streams.config import Settings, to_env
+from emofleet.core.config import Settings, to_env
 from emofleet.streams.producer import idempotent_producer_config
 from emofleet.streams.topics import TopicSpec, ensure_topics, pipeline_topics
 
@@ -381,7 +381,7 @@ def test_kill_9_and_restart_restores_state_from_the_changelog_and_counts_nothing
 def test_sink_writes_aggregates_once_per_aggregate_id(settings: Settings) -> None:
     from emofleet.sinks.clickhouse import connect
     from emofleet.sinks.query_server import direct_runner
-    from emofleet.sinks.schema import migrate
+    from emofleet.sinks.migrations import migrate
     from emofleet.sinks.service import ClickHouseSink
     from emofleet.streams.windows import Scope, WindowAgg, WindowSpec, observations
 

@@ -26,8 +26,8 @@ from emofleet.sinks.analytics import (
 )
 from emofleet.sinks.clickhouse import connect, insert_rows
 from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_row, event_row
-from emofleet.sinks.schema import migrate
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.sinks.migrations import migrate
+from emofleet.core.config import ClickHouseSettings
 
 from sink_samples import sample_dead_letter, sample_events
 

@@ -27,7 +27,7 @@ from emofleet.processors.audio import (
 )
 from emofleet.processors.fetch import MAX_REDIRECTS, host_allowed, shown
 from emofleet.schemas.emotions import SAMPLE_RATE
-from emofleet.streams.config import AudioSettings
+from emofleet.core.config import AudioSettings
 
 HOUR = 3600.0
 

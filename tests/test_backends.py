@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 
 from emofleet.infra.local_stack import start_broker, stop_process
 from emofleet.sinks.clickhouse import connect
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.core.config import ClickHouseSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend("embedded", reason="starts its own external services")]
 REPO = Path(__file__).resolve().parents[1]

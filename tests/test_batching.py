@@ -1,6 +1,6 @@
 import random
 
-from emofleet.processors.batching import plan_batches
+from emofleet.processors.batch_plan import plan_batches
 
 
 def _check_plan(lengths: list[int], plan: list[list[int]], max_clips: int, max_padded: int, max_padding: float) -> None:

@@ -11,8 +11,8 @@ import pytest
 from emofleet.cli import main
 from emofleet.loadtest import ProcessSampler, find_pipeline_processes, percentile, read_proc
 from emofleet.sinks.clickhouse import connect
-from emofleet.sinks.schema import migrate
-from emofleet.streams.config import Settings, to_env
+from emofleet.sinks.migrations import migrate
+from emofleet.core.config import Settings, to_env
 
 from pipeline_helpers import create_topics, running_processor
 from test_sink import running_sink

@@ -16,8 +16,8 @@ import pytest
 from emofleet.cli import build_parser, main
 from emofleet.sinks.clickhouse import connect, insert_rows
 from emofleet.sinks.rows import EVENT_COLUMNS, event_row
-from emofleet.sinks.schema import MIGRATIONS, migrate
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.sinks.migrations import MIGRATIONS, migrate
+from emofleet.core.config import ClickHouseSettings
 
 from sink_samples import sample_events
 

@@ -32,7 +32,7 @@ from emofleet.sinks.rows import (
     frame_rows,
     millis_to_datetime,
 )
-from emofleet.sinks.schema import (
+from emofleet.sinks.migrations import (
     EXPECTED_COLUMNS,
     MIGRATIONS,
     Migration,
@@ -44,7 +44,7 @@ from emofleet.sinks.schema import (
     last_offsets,
     migrate,
 )
-from emofleet.streams.config import ClickHouseSettings, Secret
+from emofleet.core.config import ClickHouseSettings, Secret
 
 from sink_samples import sample_dead_letter, sample_events
 

@@ -30,11 +30,11 @@ from emofleet.schemas.codec import SchemaError, make_codec
 from emofleet.streams.aiokafka_config import (
     Oidc, OidcTokenProvider, aiokafka_options, broker_credentials, ssl_context,
 )
-from emofleet.streams.config import (
+from emofleet.core.config import (
     ConfigError, KafkaSettings, Properties, Secret, Settings, describe, from_env, is_secret_property, to_env,
 )
 from emofleet.streams.consumer import consumer_config
-from emofleet.streams.logs import RedactingFormatter, secret_values
+from emofleet.core.logs import RedactingFormatter, secret_values
 from emofleet.streams.topics import TopicSpec, ensure_topics
 
 SECRET = "hunter2-Zq9x-never-log-me"

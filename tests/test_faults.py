@@ -36,8 +36,8 @@ import pytest
 
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.query_server import direct_runner
-from emofleet.sinks.schema import migrate
-from emofleet.streams.config import Settings
+from emofleet.sinks.migrations import migrate
+from emofleet.core.config import Settings
 
 from fault_harness import (
     ClipPool, DurableBroker, Feeder, HttpFixture, Message, SinkRunner, SubprocessMember, ThreadMember,

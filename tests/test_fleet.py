@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import Settings, to_env
+from emofleet.core.config import Settings, to_env
 
 from kafka_helpers import TopicReader
 from pipeline_helpers import create_topics, enqueue_uris, sample_uris

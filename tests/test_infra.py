@@ -16,9 +16,9 @@ import yaml
 
 from emofleet.cli import build_parser
 from emofleet.sinks.clickhouse import connect
-from emofleet.sinks.schema import migrate
-from emofleet.streams.config import ClickHouseSettings, Settings, to_env
-from emofleet.streams.metrics import GpuCollector, Metrics
+from emofleet.sinks.migrations import migrate
+from emofleet.core.config import ClickHouseSettings, Settings, to_env
+from emofleet.core.metrics import GpuCollector, Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "infra" / "prometheus"

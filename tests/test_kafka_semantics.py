@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 
 from kafka_helpers import read_topic
 

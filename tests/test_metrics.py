@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from emofleet.infra.local_stack import free_port, start_broker, stop_process
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.clickhouse import connect
-from emofleet.sinks.schema import migrate
+from emofleet.sinks.migrations import migrate
 from emofleet.sinks.service import ClickHouseSink
-from emofleet.streams.config import ObservabilitySettings, Settings, to_env
-from emofleet.streams.metrics import (GpuCollector, Health, Metrics, MetricsServer, processor_health, serve,
+from emofleet.core.config import ObservabilitySettings, Settings, to_env
+from emofleet.core.metrics import (GpuCollector, Health, Metrics, MetricsServer, processor_health, serve,
                                       sink_health)
 
 from kafka_helpers import read_topic

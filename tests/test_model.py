@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from emofleet.processors.batched import batched_features, in_fp32_submodule
+from emofleet.processors.packed_forward import batched_features, in_fp32_submodule
 from emofleet.processors.model import (
     EmotionModel,
     ModelLoadError,
@@ -32,7 +32,7 @@ from emofleet.processors.tiny_model import (
     emotion2vec_config,
 )
 from emofleet.schemas.emotions import EMOTIONS
-from emofleet.streams.config import ModelSettings
+from emofleet.core.config import ModelSettings
 
 SR = 16_000
 SCORE_TOL = 1e-5

@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from emofleet.infra.local_stack import free_port
 from emofleet.samples import synth_clip
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.references import make_reference
 
 from metrics_helpers import metric, metric_total

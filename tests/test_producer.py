@@ -9,7 +9,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from emofleet.schemas.codec import make_codec
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.producer import AudioReferenceProducer
 from emofleet.streams.references import make_reference
 from emofleet.streams.topics import ensure_topics, pipeline_topics

@@ -25,8 +25,8 @@ from emofleet.infra.local_stack import start_broker, stop_process
 from emofleet.samples import write_samples
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.query_server import direct_runner
-from emofleet.sinks.schema import migrate
-from emofleet.streams.config import ClickHouseSettings, Settings
+from emofleet.sinks.migrations import migrate
+from emofleet.core.config import ClickHouseSettings, Settings
 from emofleet.streams.topics import ensure_topics, pipeline_topics, topic_ids
 
 from pipeline_helpers import create_topics

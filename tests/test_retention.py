@@ -8,8 +8,8 @@ from typing import Any
 
 from emofleet.sinks.clickhouse import insert_rows
 from emofleet.sinks.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, datetime_to_millis, dead_letter_row, event_row
-from emofleet.sinks.schema import apply_retention, migrate
-from emofleet.streams.config import Settings
+from emofleet.sinks.migrations import apply_retention, migrate
+from emofleet.core.config import Settings
 
 from sink_samples import sample_dead_letter, sample_events
 from test_sink import chdb, sink_settings  # noqa: F401 - fixtures

@@ -16,9 +16,9 @@ from emofleet.processors.events import ClipResult, ModelIdentity, emotion_events
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.query_server import QueryServer, QueryError, direct_runner, owner_runner
-from emofleet.sinks.schema import migrate
+from emofleet.sinks.migrations import migrate
 from emofleet.sinks.service import ClickHouseSink
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.dead_letters import Lineage
 
 from metrics_helpers import metric

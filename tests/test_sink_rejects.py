@@ -13,7 +13,7 @@ from emofleet.schemas.codec import make_codec
 from emofleet.schemas.emotions import EMOTIONS
 from emofleet.sinks.rows import pooled_frames
 from emofleet.sinks.service import REJECTED, ClickHouseSink
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 
 from metrics_helpers import metric
 from sink_samples import sample_dead_letter, sample_events

@@ -15,9 +15,9 @@ import pytest
 from emofleet.schemas.codec import make_codec
 from emofleet.sinks.clickhouse import connect
 from emofleet.sinks.query_server import direct_runner, owner_runner
-from emofleet.sinks.schema import migrate
+from emofleet.sinks.migrations import migrate
 from emofleet.sinks.service import ClickHouseSink, RecentIds
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 
 from metrics_helpers import metric
 from pipeline_helpers import create_topics

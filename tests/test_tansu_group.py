@@ -33,7 +33,7 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from emofleet.infra.local_stack import start_broker, stop_process
-from emofleet.streams.config import KafkaSettings
+from emofleet.core.config import KafkaSettings
 from emofleet.streams.consumer import consumer_config
 
 pytestmark = pytest.mark.backend("embedded", reason="Tansu coordinator behaviour")

@@ -7,7 +7,7 @@ from pathlib import Path
 from confluent_kafka.admin import AdminClient
 
 from emofleet.infra.local_stack import LocalStack, ensure_redis, free_port, redis_answers, stop_process
-from emofleet.streams.config import Settings
+from emofleet.core.config import Settings
 from emofleet.streams.topics import ensure_topics, pipeline_topics
 
 

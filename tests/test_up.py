@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from emofleet.sinks.clickhouse import connect
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.core.config import ClickHouseSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend("embedded", reason="reads the chDB directory `up` creates")]
 

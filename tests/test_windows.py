@@ -10,7 +10,7 @@ import pytest
 
 from emofleet.schemas.codec import make_codec
 from emofleet.schemas.emotions import EMOTIONS
-from emofleet.streams.config import AggregateSettings
+from emofleet.core.config import AggregateSettings
 from emofleet.streams.windows import (
     AggregateConfig,
     CallRun,

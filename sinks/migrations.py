@@ -82,7 +82,7 @@ from typing import Any
 
 from emofleet.schemas.emotions import EMOTIONS
 from emofleet.sinks.rows import AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS
-from emofleet.streams.config import ClickHouseSettings
+from emofleet.core.config import ClickHouseSettings
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +566,7 @@ def check_drift(client: Any, database: str) -> None:
         raise SchemaDriftError(
             f"ClickHouse schema drift in database {database!r} ({len(differences)} difference(s)): "
             + "; ".join(differences)
-            + ". Fix the tables or add a migration in emofleet/sinks/schema.py.", differences)
+            + ". Fix the tables or add a migration in emofleet/sinks/migrations.py.", differences)
 
 
 def last_offsets(client: Any, database: str, table: str, topic: str, topic_id: str) -> dict[int, int]:

@@ -91,7 +91,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from emofleet.streams.config import ConfigError, ObservabilitySettings
+from emofleet.core.config import ConfigError, ObservabilitySettings
 
 log = logging.getLogger(__name__)
 

@@ -176,7 +176,7 @@ class ClickHouseSettings:
     # Frame rows stored per clip; a longer clip is mean-pooled down to this many (sinks/rows.py frame_rows).
     # 30k = 10 min at 50 frames/s at full resolution; 4 h of audio is then one row per 0.48 s.
     max_frames_per_clip: int = 30_000
-    # Retention in days, 0 = keep forever; applied by sinks/schema.py migrate() on every sink start.
+    # Retention in days, 0 = keep forever; applied by sinks/migrations.py migrate() on every sink start.
     events_ttl_days: int = 30  # emotion_events, by reference_produced_at
     frames_ttl_days: int = 7  # emotion_frames, by reference_produced_at
     aggregates_ttl_days: int = 365  # emotion_aggregates (window_end) and emotion_minutes (minute): small rollups
@@ -186,7 +186,7 @@ class ClickHouseSettings:
 
 @dataclass(frozen=True)
 class ObservabilitySettings:
-    """Metrics/health HTTP endpoint and log format (see streams/metrics.py, streams/logs.py)."""
+    """Metrics/health HTTP endpoint and log format (see core/metrics.py, core/logs.py)."""
 
     metrics_port: int = 0  # /metrics, /healthz, /readyz; 0 = no HTTP server (containers set 9400)
     metrics_host: str = "0.0.0.0"

@@ -2,7 +2,7 @@
 
 On a GPU a batch's feature extractor and attention run padded, so they cost its longest clip times
 its size (attention with the square of the length); its Linear layers see only real tokens
-(``processors/batched.py`` packs them). So clips are sorted by length and a batch is cut when it would
+(``processors/packed_forward.py`` packs them). So clips are sorted by length and a batch is cut when it would
 exceed the clip count, the padded size, or waste more than ``max_padding`` of its samples on padding.
 On a CPU nothing runs padded but the small positional convs, so the caps there bound memory.
 

@@ -7,7 +7,7 @@
   ``topic``, ``partition``, ``offset``, ``audio_id``. Context comes from ``extra={...}`` on the log
   call or from :func:`log_context` / :func:`with_log_context` around the work on one message.
 * Secrets: every ``Secret`` setting (secret Kafka / Schema Registry client properties included, see
-  ``streams.config.is_secret_property``) and every password inside a URL setting (``redis://:pw@host``) is
+  ``core.config.is_secret_property``) and every password inside a URL setting (``redis://:pw@host``) is
   replaced by ``***`` in every formatted line, whatever logged it (exceptions included). librdkafka's
   own log lines go through the same handler (:func:`kafka_logger`).
 """
@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from emofleet.streams.config import ConfigError, Secret, url_password
+from emofleet.core.config import ConfigError, Secret, url_password
 
 LOG_FORMATS = ("text", "json")
 CONTEXT_FIELDS = ("topic", "partition", "offset", "audio_id")
