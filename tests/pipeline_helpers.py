@@ -103,3 +103,18 @@ class SinkWithCommitHook(ClickHouseSink):
     def _commit(self, batch: Batch) -> None:
         self._before_commit()
         super()._commit(batch)
+
+
+class Crash(BaseException):
+    """The sink process dying between insert and commit (raised by :func:`crash_once`)."""
+
+
+def crash_once() -> Callable[[], None]:
+    """A ``before_commit`` hook that raises :class:`Crash` the first time only."""
+    crashes = iter([True])
+
+    def hook() -> None:
+        if next(crashes, False):
+            raise Crash("killed between insert and commit")
+
+    return hook

@@ -22,7 +22,7 @@ from emofleet.core.config import Settings
 from emofleet.streams.dead_letters import Lineage
 
 from metrics_helpers import metric
-from pipeline_helpers import FlakyClient, SinkWithCommitHook, create_topics
+from pipeline_helpers import Crash, FlakyClient, SinkWithCommitHook, crash_once, create_topics
 
 
 def make_events(count: int, *, start: int = 0) -> list[dict]:
@@ -130,16 +130,7 @@ def test_crash_between_insert_and_commit_leaves_no_duplicates(sink_settings: Set
     events = make_events(600)
     publish(sink_settings, events)
 
-    class Crash(BaseException):
-        pass
-
-    crashes = iter([True])
-
-    def crash_once() -> None:
-        if next(crashes, False):
-            raise Crash("killed between insert and commit")
-
-    with running_sink(sink_settings, chdb, before_commit=crash_once) as crashed:
+    with running_sink(sink_settings, chdb, before_commit=crash_once()) as crashed:
         wait_rows(owner_runner(sink_settings.data_dir), database, 1)
     assert isinstance(crashed.errors[0], Crash)  # type: ignore[attr-defined]
     stored_before_restart = counts(direct_runner(chdb), database)[0]

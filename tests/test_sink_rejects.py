@@ -16,6 +16,7 @@ from emofleet.sinks.service import REJECTED, ClickHouseSink
 from emofleet.core.config import Settings
 
 from metrics_helpers import metric
+from pipeline_helpers import Crash, crash_once
 from sink_samples import sample_dead_letter, sample_events
 from test_sink import chdb, make_events, running_sink, sink_settings  # noqa: F401 - fixtures
 
@@ -146,16 +147,7 @@ def test_frame_rows_reach_emotion_frames_bounded_and_once_across_a_crash(sink_se
     events = long_clip + short_clip + plain
     positions = produce(settings, "emotion_event", topic, events, [i % 4 for i in range(len(events))])
 
-    class Crash(BaseException):
-        pass
-
-    crashes = iter([True])
-
-    def crash_once() -> None:
-        if next(crashes, False):
-            raise Crash("killed between insert and commit")
-
-    with running_sink(settings, chdb, before_commit=crash_once) as crashed:
+    with running_sink(settings, chdb, before_commit=crash_once()) as crashed:
         assert wait_for(lambda: inserted(crashed, "emotion_frames") > 0), "frames were in the batch that crashed"
     assert isinstance(crashed.errors[0], Crash)  # type: ignore[attr-defined]
 
