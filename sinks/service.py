@@ -241,9 +241,9 @@ class ClickHouseSink:
             raise
         finally:
             self._producer.flush(10)
-            consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
-            let_go(consumer, leave_group=self._settings.kafka.leave_group_on_close)
-            del consumer  # a traceback keeps this frame alive, and with it a consumer that stays in the group
+            # close() runs the revoke callbacks, which need the sink intact; then the last references go
+            let_go(self._consumer, leave_group=self._settings.kafka.leave_group_on_close)
+            self._consumer = self._lag = None  # type: ignore[assignment]
 
     def _observe(self) -> None:
         """Gauges, lag and the liveness heartbeat, once per turn of the loop."""

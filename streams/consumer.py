@@ -85,12 +85,13 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> di
 
 
 def let_go(consumer: Consumer, *, leave_group: bool) -> None:
-    """End a consumer after its last commit. Hand over its last reference: nothing else may keep it alive.
+    """End a consumer after its last commit; the caller then drops the last references to it at once.
 
     With ``leave_group`` it closes (LeaveGroup: the group rebalances at once). Without, the handle is
-    destroyed when this returns, without the consumer close (confluent-kafka's destructor skips it), and the
-    coordinator evicts the member after session.timeout.ms: the one safe way to leave a Tansu group, whose
-    coordinator keeps a departed leader forever when it leaves mid-rebalance (tests/test_tansu_group.py).
+    destroyed when its last reference goes, without the consumer close (confluent-kafka's destructor skips
+    it), and the coordinator evicts the member after session.timeout.ms: the one safe way to leave a Tansu
+    group, whose coordinator keeps a departed leader forever when it leaves mid-rebalance
+    (tests/test_tansu_group.py).
     """
     if leave_group:
         consumer.close()
@@ -295,6 +296,6 @@ class ConsumerLoop:
             self._drain_settled()
             self._commit(asynchronous=False)
         finally:
-            consumer, self._consumer, self._lag = self._consumer, None, None  # type: ignore[assignment]
-            let_go(consumer, leave_group=self._leave_group)
-            del consumer  # a traceback keeps this frame alive, and with it a consumer that stays in the group
+            # close() runs the revoke callbacks, which need the loop intact; then the last references go
+            let_go(self._consumer, leave_group=self._leave_group)
+            self._consumer = self._lag = None  # type: ignore[assignment]
