@@ -2,8 +2,9 @@
 
 - Batches by rows (``batch_rows``) and time (``batch_seconds``); one insert per table per flush.
 - Offsets are committed only after ClickHouse acknowledged the insert.
-- Each insert carries an ``insert_deduplication_token`` derived from the offset ranges it covers, so a
-  retried insert (timeout after the server wrote it) is dropped by ClickHouse.
+- Each insert carries an ``insert_deduplication_token`` derived from the positions and ids of the rows it
+  covers (:func:`unit_token`), so a retried insert (timeout after the server wrote it) is dropped by
+  ClickHouse, and a recreated topic's rows at reused offsets are not.
 - Every row records its own Kafka position (``kafka_topic/partition/offset``) and the id of the topic's
   incarnation it was read from (``kafka_topic_id``). When a partition is assigned, the sink asks the
   broker for the topic's current id and skips messages up to the highest position already stored *for
@@ -132,18 +133,6 @@ class Batch:
         kept = {tp: entry for tp, entry in self.partitions.items() if tp not in gone}
         return Batch(kept, self.started, sum(e.size for e in kept.values()), self.inserted_topics,
                      self.frames_inserted)
-
-    def token(self, topic: str) -> str:
-        """Deterministic for the same rows at the same positions, so a retried insert gets the same token;
-        the rows' ids are part of it because a recreated topic reuses offsets for other messages."""
-        digest = hashlib.sha256()
-        for (t, p), entry in sorted(self.partitions.items()):
-            if t == topic:
-                digest.update(f"{t}:{p}:{entry.first}-{entry.last}:".encode())
-                for row in entry.rows:
-                    digest.update(row[0].encode())
-                    digest.update(b",")
-        return digest.hexdigest()[:32]
 
 
 def unit_token(table: str, units: list[Unit]) -> str:
@@ -404,19 +393,20 @@ class ClickHouseSink:
             sources = batch.sources_for(topic)
             if table == EVENTS_TABLE and not batch.frames_inserted:
                 frames: list[Unit] = [(source.frames, source) for source in sources if source.frames]
-                self._insert_isolating(FRAMES_TABLE, frames, unit_token(FRAMES_TABLE, frames))
+                self._insert_isolating(FRAMES_TABLE, frames)
                 batch.frames_inserted = True
-            self._insert_isolating(table, [([source.row], source) for source in sources], batch.token(topic))
+            self._insert_isolating(table, [([source.row], source) for source in sources])
             batch.inserted_topics.add(topic)
 
-    def _insert_isolating(self, table: str, units: list[Unit], token: str) -> None:
-        """Insert the units' rows at once. When ClickHouse rejects rows (:func:`rejects_rows`), insert each
-        half again with a token of its own, down to the single units it rejects, which become dead letters.
+    def _insert_isolating(self, table: str, units: list[Unit]) -> None:
+        """Insert the units' rows at once, with the token of exactly these units (:func:`unit_token`). When
+        ClickHouse rejects rows (:func:`rejects_rows`), insert each half again (so with a token of its own),
+        down to the single units it rejects, which become dead letters.
         Other errors propagate: the batch is retried and the halves that landed are dropped by their tokens."""
         if not units:
             return
         try:
-            self._insert_rows(table, [row for rows, _ in units for row in rows], token)
+            self._insert_rows(table, [row for rows, _ in units for row in rows], unit_token(table, units))
         except Exception as error:
             if not rejects_rows(error):
                 raise
@@ -425,7 +415,7 @@ class ClickHouseSink:
                 return
             middle = len(units) // 2
             for half in (units[:middle], units[middle:]):
-                self._insert_isolating(table, half, unit_token(table, half))
+                self._insert_isolating(table, half)
 
     def _insert_rows(self, table: str, rows: list[list[Any]], token: str) -> None:
         columns = _COLUMNS[table]
