@@ -237,14 +237,21 @@ def run_processor(name: str, settings: Settings, model, uris: list[str], timeout
     forwards[0] = 0
     processor = build_processor(settings, model=model)
     first = FirstConsumed()
-    submit = processor.step.submit
+    steps = processor.steps
 
-    def submit_and_mark(message, generation):  # type: ignore[no-untyped-def]
-        first.mark()  # instrumentation only: when the poll thread handed over the first message
-        submit(message, generation)
+    def marking_steps(partitions, report):  # type: ignore[no-untyped-def]
+        step = steps(partitions, report)
+        submit = step.submit
 
-    processor.step.submit = submit_and_mark  # type: ignore[method-assign]
-    thread = threading.Thread(target=processor.loop.run, name="processor-loop", daemon=True)
+        def submit_and_mark(message):  # type: ignore[no-untyped-def]
+            first.mark()  # instrumentation only: when the poll thread handed over the first message
+            submit(message)
+
+        step.submit = submit_and_mark  # type: ignore[method-assign]
+        return step
+
+    processor.loop._factory = marking_steps  # type: ignore[assignment]  # instrumentation only
+    thread = threading.Thread(target=processor.run, name="processor-loop", daemon=True)
     thread.start()
     try:
         partitions = settings.kafka.partitions
@@ -258,7 +265,7 @@ def run_processor(name: str, settings: Settings, model, uris: list[str], timeout
                   "cache hits": int(sample(metrics, "emofleet_cache_hits_total"))}
         hits = sum(1 for e in watcher.whole.values() if e["cache_hit"])
     finally:
-        processor.loop.stop()
+        processor.stop()
         thread.join(30)
     if thread.is_alive():
         raise RuntimeError("processor did not stop within 30 s")

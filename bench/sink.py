@@ -16,7 +16,8 @@ Rows, interleaved round by round with the order rotated; the tables show medians
   consumer group and database; ``batch_rows`` = R. Clock: from the first message the sink accepts
   (group join and the first fetch are not timed) until a ``count()`` query polled every 20 ms through
   the same client (under the sink's client lock) sees all N rows. Includes what the sink does per
-  batch: consume, Avro decode, ``event_row``, insert with its deduplication token, sync offset commit.
+  batch: consume, Avro decode, ``event_row``, insert with its deduplication token, and the consumer
+  loop's offset commits (asynchronous, about once a second).
 * ``emofleet ClickHouseSink (instrumented)`` -- the same with timers around decode, ``event_row``,
   ``client.insert`` and the offset commit (the time split below); its rate shows the timers' cost.
 * ``raw insert (rows prebuilt)`` -- ``client.insert(table, rows, column_names=EVENT_COLUMNS,
@@ -305,27 +306,28 @@ def run_sink(name: str, dbs: Databases, base: Settings, expected: int, batch_row
 
         sink_service.event_row = timed_event_row  # the sink module's global, restored below
     sink = ClickHouseSink(settings, client, codec, client_lock=lock)
+    loop = sink.loop  # instrumentation reaches into the consumer loop the sink runs on
     if instrumented:
-        commit = sink._commit
+        commit = loop._commit
 
-        def timed_commit(batch: Any) -> None:
+        def timed_commit(**kwargs: Any) -> None:
             started = time.perf_counter()
-            commit(batch)
+            commit(**kwargs)
             split["commit"] += time.perf_counter() - started
 
-        sink._commit = timed_commit  # type: ignore[method-assign]
+        loop._commit = timed_commit  # type: ignore[method-assign]
 
     first: list[float] = []
     cpu_started: list[float] = []
-    accept = sink._accept
+    accept = loop._accept
 
     def first_accept(message: Any) -> None:
         first.append(time.perf_counter())
         cpu_started.append(process_cpu())
-        sink._accept = accept  # type: ignore[method-assign]  # back to the plain method: no per-row cost
+        loop._accept = accept  # type: ignore[method-assign]  # back to the plain method: no per-row cost
         accept(message)
 
-    sink._accept = first_accept  # type: ignore[method-assign]
+    loop._accept = first_accept  # type: ignore[method-assign]
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -55,7 +55,7 @@ virtualenv() {
   if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
     log "installing the project and its pinned dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
+    .venv/bin/python -m pip install -q -e ".[test,bench]"
     echo "$stamp" > .venv/.installed
   fi
 }

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from confluent_kafka import Producer
 
 from emofleet.processors.model import EmotionModel, load_model
-from emofleet.processors.step import InferenceStep
+from emofleet.processors.step import InferenceSteps
 from emofleet.schemas.codec import make_codec
 from emofleet.core.config import Settings, describe
-from emofleet.streams.consumer import ConsumerLoop, consumer_config
+from emofleet.streams.consumer import ConsumerLoop, LoopLimits, consumer_config
 from emofleet.core.logs import kafka_logger
 from emofleet.core.metrics import Metrics, processor_health, serve
 from emofleet.streams.producer import idempotent_producer_config
@@ -28,12 +28,31 @@ log = logging.getLogger(__name__)
 @dataclass
 class Processor:
     loop: ConsumerLoop
-    step: InferenceStep
-    metrics: Metrics | None = None
+    steps: InferenceSteps
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.steps.metrics
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; then release what the steps share."""
+        try:
+            self.loop.run()
+        finally:
+            self.steps.close()
+
+    def stop(self) -> None:
+        self.loop.stop()
 
 
 def member_id(settings: Settings) -> str:
     return settings.kafka.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def loop_limits(settings: Settings) -> LoopLimits:
+    batch = settings.batch
+    return LoopLimits(max_in_flight=batch.max_in_flight, commit_interval_seconds=batch.commit_interval_seconds,
+                      join_timeout_seconds=batch.revoke_grace_seconds)
 
 
 def build_processor(settings: Settings, model: EmotionModel | None = None, metrics: Metrics | None = None) -> Processor:
@@ -46,19 +65,12 @@ def build_processor(settings: Settings, model: EmotionModel | None = None, metri
     metrics.loaded_model(model, load_seconds)
     codec = make_codec(settings.kafka.schema_registry_url, settings.kafka.registry_config)
     producer = Producer(idempotent_producer_config(settings.kafka, **{"linger.ms": 5, "logger": kafka_logger()}))
-    processor_id = member_id(settings)
-    steps: list[InferenceStep] = []
-
-    def strategy(report, is_current):  # type: ignore[no-untyped-def]
-        steps.append(InferenceStep(settings, model, codec, producer, report, is_current, processor_id=processor_id,
-                                   metrics=metrics))
-        return steps[0]
-
-    loop = ConsumerLoop(consumer_config(settings.kafka, settings.kafka.processor_group),
-                        [settings.kafka.audio_topic], strategy, settings.batch, metrics=metrics,
+    steps = InferenceSteps(settings, model, codec, producer, processor_id=member_id(settings), metrics=metrics)
+    loop = ConsumerLoop(consumer_config(settings.kafka, settings.kafka.processor_group), [settings.kafka.audio_topic],
+                        steps, loop_limits(settings), metrics=metrics,
                         lag_interval=settings.observability.lag_interval_seconds,
                         leave_group=settings.kafka.leave_group_on_close)
-    return Processor(loop, steps[0], metrics)
+    return Processor(loop, steps)
 
 
 def run_processor(settings: Settings) -> int:
@@ -72,7 +84,7 @@ def run_processor(settings: Settings) -> int:
     def request_stop(*_: object) -> None:
         stop_requested.set()
         if processor is not None:
-            processor.loop.stop()
+            processor.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
@@ -84,9 +96,9 @@ def run_processor(settings: Settings) -> int:
         processor = build_processor(settings, metrics=metrics)
         if stop_requested.is_set():
             return 0
-        log.info("processor %s consuming %s as group %s", processor.step.processor_id, settings.kafka.audio_topic,
+        log.info("processor %s consuming %s as group %s", processor.steps.processor_id, settings.kafka.audio_topic,
                  settings.kafka.processor_group)
-        processor.loop.run()
+        processor.run()
     finally:
         if server is not None:
             server.stop()

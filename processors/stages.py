@@ -54,7 +54,6 @@ class Item:
 
     tp: TopicPartition
     offset: int
-    generation: int
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes | None]]
@@ -85,6 +84,7 @@ class Settle:
         self._report = report
         self._open: set[Item] = set()
         self._lock = threading.Lock()
+        self._emptied = threading.Condition(self._lock)
 
     def opened(self, item: Item) -> None:
         with self._lock:
@@ -107,7 +107,14 @@ class Settle:
             if item not in self._open:
                 return
             self._open.discard(item)
+            if not self._open:
+                self._emptied.notify_all()
         self._report(item.tp, item.offset, finished=finished)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait until every open message is reported; False when ``timeout`` ran out first."""
+        with self._emptied:
+            return self._emptied.wait_for(lambda: not self._open, timeout)
 
     def drop(self, items: Iterable[Item]) -> None:
         for item in items:

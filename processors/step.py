@@ -1,5 +1,9 @@
 """The inference step: the strategy the consumer loop drives for `emofleet process`, composed from stages.
 
+The loop makes a fresh :class:`InferenceStep` for each assignment (:class:`InferenceSteps` is the factory);
+what outlives an assignment (the model, the producer, the audio loader, the Redis cache) belongs to the
+factory.
+
 The stages (``processors/stages.py``) each do one job and know nothing of each other or of threads; this
 module is the one place that wires them, in the spirit of Sentry Arroyo's processing strategies::
 
@@ -31,7 +35,8 @@ module is the one place that wires them, in the spirit of Sentry Arroyo's proces
    message is delivered the message is reported finished, which lets the loop commit past it.
 
 Every submitted message is reported exactly once (``Settle``): finished once its outputs are delivered,
-dropped when its partition was revoked or the step closes before it produced anything.
+dropped when the step closes before it produced anything. ``join`` waits until nothing is open; ``close``
+stops the threads and reports what is left dropped (the loop re-reads it).
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from confluent_kafka import Message, Producer
@@ -59,34 +63,55 @@ from emofleet.streams.consumer import Reporter
 from emofleet.streams.dead_letters import Failure
 from emofleet.streams.offsets import TopicPartition
 
-__all__ = ["DEFER_SECONDS", "FETCH_ATTEMPTS", "InferenceStep", "Item"]
+__all__ = ["DEFER_SECONDS", "FETCH_ATTEMPTS", "InferenceStep", "InferenceSteps", "Item"]
 
 log = logging.getLogger(__name__)
 
 
-class InferenceStep:
-    def __init__(self, settings: Settings, model: EmotionModel, codec: Codec, producer: Producer,
-                 report: Reporter, is_current: Callable[[TopicPartition, int], bool], *,
-                 processor_id: str, loader: AudioLoader | None = None, cache: ResultCache | None = None,
-                 metrics: Metrics | None = None) -> None:
-        self.metrics = metrics or Metrics("processor")
+class InferenceSteps:
+    """The strategy factory of a processor: one :class:`InferenceStep` per assignment, sharing what outlives it."""
+
+    def __init__(self, settings: Settings, model: EmotionModel, codec: Codec, producer: Producer, *,
+                 processor_id: str, metrics: Metrics) -> None:
+        self.settings = settings
+        self.model = model
+        self.codec = codec
+        self.producer = producer
         self.processor_id = processor_id
-        self._is_current = is_current
+        self.metrics = metrics
+        self.loader = AudioLoader(settings.audio, observe=self.observe_stage)
+        self.cache = ResultCache(settings.cache, cache_namespace(
+            model.model_id, model.revision, settings.model.granularity, settings.model.embeddings), processor_id,
+            metrics=metrics)
+        self.identity = ModelIdentity(model.model_id, model.revision, settings.model.granularity,
+                                      settings.model.embeddings)
+
+    def __call__(self, partitions: frozenset[TopicPartition], report: Reporter) -> InferenceStep:
+        return InferenceStep(self, report)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.metrics.stage_seconds.labels(stage).observe(seconds)
+
+    def close(self) -> None:
+        self.loader.close()
+        self.cache.close()
+
+
+class InferenceStep:
+    def __init__(self, shared: InferenceSteps, report: Reporter) -> None:
+        settings, metrics = shared.settings, shared.metrics
+        self.metrics = metrics
+        self._observe_stage = shared.observe_stage
         self._closing = threading.Event()
         self._failure: BaseException | None = None
-        self._loader = loader or AudioLoader(settings.audio, observe=self._observe_stage)
-        self.cache = cache or ResultCache(settings.cache, cache_namespace(
-            model.model_id, model.revision, settings.model.granularity, settings.model.embeddings), processor_id,
-            metrics=self.metrics)
-        identity = ModelIdentity(model.model_id, model.revision, settings.model.granularity, settings.model.embeddings)
 
         self._settle = Settle(report)
-        self._prepare = Prepare(codec, self._loader, self.metrics, self._closing)
+        self._prepare = Prepare(shared.codec, shared.loader, metrics, self._closing)
         self._gather = Gather(settings.batch, self._closing)
-        self._dedupe = Dedupe(self.cache, settings.cache.claim_seconds)
-        self._infer = Infer(model, settings.model, settings.audio, settings.batch, self.metrics)
-        self._emit = Emit(settings.kafka, codec, producer, identity, self._settle, self.metrics,
-                          processor_id=processor_id)
+        self._dedupe = Dedupe(shared.cache, settings.cache.claim_seconds)
+        self._infer = Infer(shared.model, settings.model, settings.audio, settings.batch, metrics)
+        self._emit = Emit(settings.kafka, shared.codec, shared.producer, shared.identity, self._settle, metrics,
+                          processor_id=shared.processor_id)
 
         self._pool = ThreadPoolExecutor(settings.audio.fetch_workers, thread_name_prefix="fetch")
         self._worker = threading.Thread(target=self._run_worker, name="inference", daemon=True)
@@ -97,34 +122,35 @@ class InferenceStep:
 
     # ------------------------------------------------------------ Strategy interface (poll thread)
 
-    def submit(self, message: Message, generation: int) -> None:
-        item = Item((message.topic(), message.partition()), message.offset(), generation, message.key(),
+    def submit(self, message: Message) -> None:
+        item = Item((message.topic(), message.partition()), message.offset(), message.key(),
                     message.value() or b"", list(message.headers() or []), time.monotonic())
         self._settle.opened(item)
         self._pool.submit(with_log_context(self._run_prepare, topic=item.tp[0], partition=item.tp[1],
                                            offset=item.offset), item)
 
-    def revoke(self, partitions: set[TopicPartition]) -> None:
-        self._settle.drop(self._gather.revoke(partitions))
+    def poll(self) -> None:
+        if (failure := self._failure or self._emit.failure) is not None:
+            raise failure
 
-    def failure(self) -> BaseException | None:
-        return self._failure or self._emit.failure
+    def join(self, timeout: float) -> None:
+        """Wait until every submitted message is reported (its outputs delivered), for at most ``timeout``."""
+        self._settle.wait_empty(timeout)
 
-    def close(self, timeout: float) -> None:
-        """Finish the batch in progress, drop queued work, flush outputs."""
+    def close(self) -> None:
+        """Stop the threads after the forward in progress, drop what is queued, flush outputs."""
         self._closing.set()
         self._gather.wake()
-        self._worker.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)  # running fetches see _closing and drop
-        self._emit.flush(timeout)
+        self._worker.join()
+        self._settle.drop(self._gather.drain())
+        self._emit.flush(5.0)
         self._settle.drop(self._settle.without_outputs())
-        self._loader.close()
-        self.cache.close()
 
     # ------------------------------------------------------------ prepare (pool threads)
 
     def _run_prepare(self, item: Item) -> None:
-        if self._closing.is_set() or not self._is_current(item.tp, item.generation):
+        if self._closing.is_set():
             self._settle.drop([item])
             return
         outcome = self._prepare(item)
@@ -149,12 +175,10 @@ class InferenceStep:
             self._failure = error
 
     def _process(self, batch: list[Item]) -> None:
-        current = [i for i in batch if self._is_current(i.tp, i.generation)]
-        self._settle.drop([i for i in batch if i not in current])
-        self.metrics.batch_clips.observe(len(current))
-        self.metrics.batch_audio_seconds.observe(sum(i.seconds for i in current))
+        self.metrics.batch_clips.observe(len(batch))
+        self.metrics.batch_audio_seconds.observe(sum(i.seconds for i in batch))
         started = time.monotonic()
-        hits, misses = self._dedupe.lookup(by_content(current))
+        hits, misses = self._dedupe.lookup(by_content(batch))
         for items, result in hits:
             self._emit.results(items, result, cache_hit=True)
         claimed = self._dedupe.claim(misses)
@@ -174,6 +198,3 @@ class InferenceStep:
             for sha, result in outcome.results.items():
                 self._emit.results(claimed.compute[sha], result, cache_hit=False)
             self._dedupe.store(outcome.results)
-
-    def _observe_stage(self, stage: str, seconds: float) -> None:
-        self.metrics.stage_seconds.labels(stage).observe(seconds)

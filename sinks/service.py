@@ -1,7 +1,11 @@
 """`emofleet sink`: results and dead letters from Kafka into ClickHouse, effectively once.
 
+The sink is a strategy of the consumer loop (streams/consumer.py), like the processor: the loop polls,
+pauses, commits and handles rebalances; :class:`SinkStrategy` batches the rows of one assignment and reports
+each message finished once its rows are stored (or its dead letter delivered), so the loop commits only what
+ClickHouse acknowledged.
+
 - Batches by rows (``batch_rows``) and time (``batch_seconds``); one insert per table per flush.
-- Offsets are committed only after ClickHouse acknowledged the insert.
 - Each insert carries an ``insert_deduplication_token`` derived from the positions and ids of the rows it
   covers (:func:`unit_token`), so a retried insert (timeout after the server wrote it) is dropped by
   ClickHouse, and a recreated topic's rows at reused offsets are not.
@@ -18,8 +22,12 @@
   read back on every assignment) and drops repeats, so rows are unique without ``FINAL`` as long as a
   replay arrives within that many rows of the original (rows handed back uninserted are forgotten).
 - ClickHouse down or an insert failing transiently (and errors of the table, the user or the settings,
-  ``SETUP_CODES`` in ``clickhouse.py``): retry with backoff, consumption paused, polling continues (so the
-  group keeps the member), nothing committed, nothing lost.
+  ``SETUP_CODES`` in ``clickhouse.py``): the same batch (same rows, same tokens) is retried with backoff; a
+  full batch rejects further messages (``MessageRejected``), so the loop pauses and keeps polling (the group
+  keeps the member); nothing is reported finished, so nothing is committed and nothing is lost. When the
+  assignment changes, the strategy gets ``join_timeout`` to land its batch; what it could not store is
+  reported dropped and read again (by this member's next strategy or the partition's next owner), and its
+  ids are forgotten so the replay is not mistaken for a repeat.
 - ClickHouse rejecting rows for what is in them (a constraint, a value the column cannot hold:
   ``rejects_rows``): the insert is split in halves, recursively, each part with a deduplication token of its
   own rows (so a retry of the batch drops the parts that landed), until the rejected rows stand alone. Each
@@ -32,7 +40,7 @@
   (``emofleet_errors_total{kind="clickhouse_rejected"}``) and stays in Kafka.
 - Frame-granularity whole-clip events also write ``emotion_frames`` (``rows.frame_rows``, at most
   ``max_frames_per_clip`` rows per clip, longer clips mean-pooled) in the same flush, before the events
-  (see :meth:`ClickHouseSink._insert`), with their own deduplication token; frame rows count towards
+  (see :meth:`Writer.insert`), with their own deduplication token; frame rows count towards
   ``batch_rows``. Frames of an event that ClickHouse then rejects stay stored; a message whose frames are
   rejected is dead-lettered while its event row is stored.
 - A record that does not decode goes to the dead-letter topic (from the results topic) or into the
@@ -51,25 +59,27 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
 from confluent_kafka.admin import AdminClient
 
+from emofleet.core.config import Settings
+from emofleet.core.logs import kafka_logger
+from emofleet.core.metrics import Metrics
 from emofleet.schemas.codec import Codec, SchemaError
 from emofleet.sinks.clickhouse import dedup_settings, error_line, rejects_rows
+from emofleet.sinks.migrations import (AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, FRAMES_TABLE, last_offsets,
+                                       quote_identifier)
 from emofleet.sinks.rows import (AGGREGATE_COLUMNS, DEAD_LETTER_COLUMNS, EVENT_COLUMNS, FRAME_COLUMNS, aggregate_row,
                                  dead_letter_row, event_row, frame_rows)
-from emofleet.sinks.migrations import (AGGREGATES_TABLE, DEAD_LETTERS_TABLE, EVENTS_TABLE, FRAMES_TABLE, last_offsets,
-                                   quote_identifier)
-from emofleet.core.config import Settings
-from emofleet.streams.consumer import consumer_config, let_go
+from emofleet.streams.consumer import ConsumerLoop, LoopLimits, MessageRejected, Reporter, consumer_config
 from emofleet.streams.dead_letters import Failure, Lineage, dead_letter
-from emofleet.core.logs import kafka_logger
-from emofleet.core.metrics import LagMonitor, Metrics
+from emofleet.streams.offsets import TopicPartition
 from emofleet.streams.topics import topic_ids
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 10.0
+FIRST_BACKOFF_SECONDS = 0.2
 RECENT_IDS = 100_000  # ids remembered per table to drop processor replays (~20 MB each when full)
 _COLUMNS = {EVENTS_TABLE: EVENT_COLUMNS, DEAD_LETTERS_TABLE: DEAD_LETTER_COLUMNS,
             AGGREGATES_TABLE: AGGREGATE_COLUMNS, FRAMES_TABLE: FRAME_COLUMNS}
@@ -92,47 +102,26 @@ Unit = tuple[list[list[Any]], Source]
 
 
 @dataclass
-class PartitionRows:
-    first: int
-    last: int
-    rows: list[list[Any]] = field(default_factory=list)
-    sources: list[Source] = field(default_factory=list)  # one per row, in the same order
-
-    @property
-    def size(self) -> int:
-        """Rows to insert, frame rows included."""
-        return len(self.rows) + sum(len(source.frames) for source in self.sources)
-
-
-@dataclass
 class Batch:
-    """Rows waiting for one flush, per source partition, with the offset range each covers."""
+    """Rows waiting for one flush, with every message they came from."""
 
-    partitions: dict[tuple[str, int], PartitionRows] = field(default_factory=dict)
+    messages: list[tuple[TopicPartition, int]] = field(default_factory=list)  # reported together after the flush
+    sources: dict[TopicPartition, list[Source]] = field(default_factory=dict)  # per partition, in offset order
     started: float = field(default_factory=time.monotonic)  # when its first message arrived
-    rows: int = 0
+    rows: int = 0  # frame rows included
     inserted_topics: set[str] = field(default_factory=set)  # inserts that already landed
     frames_inserted: bool = False
 
-    def add(self, topic: str, partition: int, offset: int, source: Source | None) -> None:
-        """Record a position; ``source`` None means "nothing to insert" (a replay already stored)."""
-        if not self.partitions:
+    def add(self, tp: TopicPartition, offset: int, source: Source) -> None:
+        if not self.messages:
             self.started = time.monotonic()  # the time bound counts from the first message, not the last flush
-        entry = self.partitions.setdefault((topic, partition), PartitionRows(offset, offset))
-        entry.last = offset
-        if source is not None:
-            entry.rows.append(source.row)
-            entry.sources.append(source)
-            self.rows += 1 + len(source.frames)
+        self.messages.append((tp, offset))
+        self.sources.setdefault(tp, []).append(source)
+        self.rows += 1 + len(source.frames)
 
     def sources_for(self, topic: str) -> list[Source]:
         """The topic's rows in (partition, offset) order, so each partition's rows are inserted in order."""
-        return [s for (t, _), entry in sorted(self.partitions.items()) if t == topic for s in entry.sources]
-
-    def without(self, gone: set[tuple[str, int]]) -> Batch:
-        kept = {tp: entry for tp, entry in self.partitions.items() if tp not in gone}
-        return Batch(kept, self.started, sum(e.size for e in kept.values()), self.inserted_topics,
-                     self.frames_inserted)
+        return [s for tp, sources in sorted(self.sources.items()) if tp[0] == topic for s in sources]
 
 
 def unit_token(table: str, units: list[Unit]) -> str:
@@ -146,21 +135,24 @@ def unit_token(table: str, units: list[Unit]) -> str:
 
 
 class RecentIds:
-    """The last ``capacity`` ids remembered, oldest forgotten first; ``capacity`` 0 remembers nothing."""
+    """The last ``capacity`` ids remembered, oldest forgotten first; ``capacity`` 0 remembers nothing.
+    Thread-safe (a strategy closing and its successor starting may overlap)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def add(self, key: str) -> bool:
         """Remember ``key``; False when it was remembered already (a repeat)."""
         if self.capacity <= 0:
             return True
-        if key in self._ids:
-            return False
-        self._ids[key] = None
-        if len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
+        with self._lock:
+            if key in self._ids:
+                return False
+            self._ids[key] = None
+            if len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
         return True
 
     def update(self, keys: Iterable[str]) -> None:
@@ -168,8 +160,9 @@ class RecentIds:
             self.add(key)
 
     def discard(self, keys: Iterable[str]) -> None:
-        for key in keys:
-            self._ids.pop(key, None)
+        with self._lock:
+            for key in keys:
+                self._ids.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -184,126 +177,45 @@ def stored_ids(client: Any, database: str, table: str, topic: str, limit: int) -
     return [row[0] for row in reversed(rows)]
 
 
-class ClickHouseSink:
-    def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
-                 metrics: Metrics | None = None, recent_ids: int = RECENT_IDS) -> None:
-        self._settings = settings
-        self.metrics = metrics or Metrics("sink")
-        self._client = client
-        self._lock = client_lock or threading.Lock()
-        self._codec = codec
+class Writer:
+    """Rows from messages, inserts into ClickHouse, and the dead letters of what cannot be stored. Shared by the
+    strategies of one sink (one client, one lock, one producer)."""
+
+    def __init__(self, settings: Settings, client: Any, lock: threading.Lock, codec: Codec, metrics: Metrics) -> None:
+        self.settings = settings
+        self.client = client
+        self.lock = lock
+        self.codec = codec
+        self.metrics = metrics
         kafka = settings.kafka
-        self._topics = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE,
-                        kafka.aggregates_topic: AGGREGATES_TABLE}
-        self._consumer = Consumer(consumer_config(kafka, kafka.sink_group))
-        self._admin = AdminClient(kafka.client_config() | {"logger": kafka_logger()})
-        self._topic_ids: dict[str, str] = {}  # incarnation of each assigned topic, read on assignment
-        self._producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all",
-                                                           "logger": kafka_logger()})
-        self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, settings.observability.lag_interval_seconds)
-        self._batch = Batch()
-        self._resume_after: dict[tuple[str, int], int] = {}
-        self._last_seen: dict[tuple[str, int], int] = {}  # offset of the last message accepted per partition
-        self._recent = {EVENTS_TABLE: RecentIds(recent_ids), DEAD_LETTERS_TABLE: RecentIds(recent_ids)}
-        self._stop = threading.Event()
-        self._failed = False
-        self.assigned: set[tuple[str, int]] = set()
+        self.tables = {kafka.results_topic: EVENTS_TABLE, kafka.dead_letter_topic: DEAD_LETTERS_TABLE,
+                       kafka.aggregates_topic: AGGREGATES_TABLE}
+        self.producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all",
+                                                          "logger": kafka_logger()})
 
-    def stop(self) -> None:
-        self._stop.set()
+    # ------------------------------------------------------------ rows
 
-    def run(self) -> None:
-        self._consumer.subscribe(list(self._topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_lost)
-        try:
-            while not self._stop.is_set():
-                for message in self._consumer.consume(num_messages=5_000, timeout=0.1):
-                    self._accept(message)
-                    if self._batch.rows >= self._settings.clickhouse.batch_rows:
-                        self._flush_until_done()
-                if self._due():
-                    self._flush_until_done()
-                self._observe()
-            self._flush_until_done()
-        except BaseException:
-            self._failed = True  # commit nothing more: the next owner replays and skips what is stored
-            raise
-        finally:
-            self._producer.flush(10)
-            # close() runs the revoke callbacks, which need the sink intact; then the last references go
-            let_go(self._consumer, leave_group=self._settings.kafka.leave_group_on_close)
-            self._consumer = self._lag = None  # type: ignore[assignment]
-
-    def _observe(self) -> None:
-        """Gauges, lag and the liveness heartbeat, once per turn of the loop."""
-        self.metrics.heartbeat()
-        self.metrics.set_assigned(len(self.assigned))
-        self.metrics.in_flight.set(self._batch.rows)
-        self._lag.update(self.assigned)
-
-    # ------------------------------------------------------------ batching
-
-    def _due(self) -> bool:
-        batch = self._batch
-        limits = self._settings.clickhouse
-        return bool(batch.partitions) and (batch.rows >= limits.batch_rows
-                                           or time.monotonic() - batch.started >= limits.batch_seconds)
-
-    def _accept(self, message: Message) -> None:
-        if (error := message.error()) is not None:
-            if error.fatal():
-                raise KafkaException(error)
-            if error.code() != KafkaError._PARTITION_EOF:
-                self.metrics.errors.labels("consumer").inc()
-                log.warning("consumer error: %s", error.str())
-            return
+    def rows(self, message: Message, topic_id: str) -> tuple[list[Any] | None, list[list[Any]]]:
+        """The message's row (None: nothing to insert) and the frame rows it writes as well. A record that does
+        not decode is sent to the dead-letter topic (or stored as a raw dead-letter row, from that topic)."""
         topic, partition, offset = message.topic(), message.partition(), message.offset()
-        self.metrics.messages_in.labels(topic).inc()
-        if offset <= self._last_seen.get((topic, partition), -1):
-            self._log_restarted(topic, partition, offset)
-        self._last_seen[(topic, partition)] = offset
-        if offset <= self._resume_after.get((topic, partition), -1):
-            self.metrics.sink_skipped_replays.labels("position").inc()  # stored before a crash; see module docstring
-            self._batch.add(topic, partition, offset, None)
-            return
-        row, frames = self._row(message, datetime.now(UTC))
-        recent = self._recent.get(self._topics[topic])
-        if row is not None and recent is not None and not recent.add(row[0]):
-            self.metrics.sink_skipped_replays.labels("id").inc()  # a processor's replay; see module docstring
-            row = None
-        self._batch.add(topic, partition, offset, None if row is None else Source(message, row, frames))
-
-    def _log_restarted(self, topic: str, partition: int, offset: int) -> None:
-        """Offsets went back within one assignment: the broker serves a new log (topic recreated, memory
-        storage restarted) before the group noticed. Stored positions say nothing about it any more."""
-        log.warning("offsets of %s[%d] went back to %d: the topic has a new log; reading it from there",
-                    topic, partition, offset)
-        self._resume_after.pop((topic, partition), None)
-        self._topic_ids |= topic_ids(self._admin, [topic])
-
-    def _row(self, message: Message, now: datetime) -> tuple[list[Any] | None, list[list[Any]]]:
-        """The message's row (None: nothing to insert) and the frame rows it writes as well."""
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        if self._topics[topic] == AGGREGATES_TABLE:
-            try:
-                aggregate = self._codec.decode("emotion_aggregate", message.value() or b"", topic=topic)
-            except SchemaError as error:
-                self._dead_letter_malformed(message, error)
-                return None, []
-            return aggregate_row(aggregate, topic, partition, offset, now, self._topic_ids.get(topic, "")), []
-        if self._topics[topic] == EVENTS_TABLE:
-            try:
-                event = self._codec.decode("emotion_event", message.value() or b"", topic=topic)
-            except SchemaError as error:
-                self._dead_letter_malformed(message, error)
-                return None, []
-            return (event_row(event, topic, partition, offset, now, self._topic_ids.get(topic, "")),
-                    frame_rows(event, self._settings.clickhouse.max_frames_per_clip))
+        now = datetime.now(UTC)
+        table = self.tables[topic]
         try:
-            record = self._codec.decode("dead_letter", message.value() or b"", topic=topic)
+            if table == AGGREGATES_TABLE:
+                aggregate = self.codec.decode("emotion_aggregate", message.value() or b"", topic=topic)
+                return aggregate_row(aggregate, topic, partition, offset, now, topic_id), []
+            if table == EVENTS_TABLE:
+                event = self.codec.decode("emotion_event", message.value() or b"", topic=topic)
+                return (event_row(event, topic, partition, offset, now, topic_id),
+                        frame_rows(event, self.settings.clickhouse.max_frames_per_clip))
+            record = self.codec.decode("dead_letter", message.value() or b"", topic=topic)
         except SchemaError as error:
+            if table != DEAD_LETTERS_TABLE:
+                self._dead_letter_malformed(message, error)
+                return None, []
             record = self._malformed_record(message, error)
-        return dead_letter_row(record, topic, partition, offset, now, self._topic_ids.get(topic, "")), []
+        return dead_letter_row(record, topic, partition, offset, now, topic_id), []
 
     def _malformed_record(self, message: Message, error: SchemaError) -> dict[str, Any]:
         self.metrics.dead_letter(error.reason, "sink")
@@ -319,75 +231,24 @@ class ClickHouseSink:
     def _dead_letter_malformed(self, message: Message, error: SchemaError) -> None:
         self._produce_dead_letter(message, self._malformed_record(message, error))
         log.warning("malformed event at %s[%d]@%d sent to %s", message.topic(), message.partition(),
-                    message.offset(), self._settings.kafka.dead_letter_topic)
+                    message.offset(), self.settings.kafka.dead_letter_topic)
 
     def _produce_dead_letter(self, message: Message, record: dict[str, Any]) -> None:
-        topic = self._settings.kafka.dead_letter_topic
-        self._producer.produce(topic, key=message.key(), value=self._codec.encode("dead_letter", record, topic=topic))
+        topic = self.settings.kafka.dead_letter_topic
+        self.producer.produce(topic, key=message.key(), value=self.codec.encode("dead_letter", record, topic=topic))
         self.metrics.messages_out.labels(topic).inc()
 
-    # ------------------------------------------------------------ flushing
-
-    def _flush_until_done(self) -> None:
-        """Insert the batch (rows ClickHouse rejects become dead letters: :meth:`_insert_isolating`), retrying
-        other failures with backoff while paused-but-polling; then commit."""
-        if not self._batch.partitions:
-            return
-        delay = 0.2
-        paused = False
-        while True:
-            try:
-                self._insert(self._batch)
-                break
-            except Exception as error:
-                self.metrics.sink_insert_failures.inc()
-                self.metrics.clickhouse_ok = False
-                log.warning("ClickHouse insert of %d rows failed (%s: %s); retrying in %.1fs",
-                            self._batch.rows, type(error).__name__, str(error)[:200], delay)
-                if not paused:
-                    self._consumer.pause(self._consumer.assignment())
-                    self.metrics.paused_partitions.set(len(self.assigned))
-                    paused = True
-                self._wait_polling(delay)
-                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
-        if self._producer.flush(30) > 0:
+    def deliver_dead_letters(self, timeout: float = 30.0) -> None:
+        if self.producer.flush(timeout) > 0:
             raise RuntimeError("dead letters could not be delivered")
-        self._commit(self._batch)
-        if paused:
-            self._consumer.resume(self._consumer.assignment())
-            self.metrics.paused_partitions.set(0)
-        self.metrics.clickhouse_ok = True
-        self.metrics.sink_batch_rows.observe(self._batch.rows)
-        self._batch = Batch()
 
-    def _wait_polling(self, seconds: float) -> None:
-        """Keep the member alive in the group while waiting. The batch is not touched: its retry must send
-        the same rows with the same tokens, and what already landed must not grow (see :meth:`_put_back`)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not self._stop.is_set():
-            rewound: set[tuple[str, int]] = set()
-            for message in self._consumer.consume(num_messages=100, timeout=min(0.1, seconds)):
-                if message.error() is not None:
-                    self._accept(message)  # raised or logged as in the main loop
-                elif (message.topic(), message.partition()) not in rewound:
-                    self._put_back(message)
-                    rewound.add((message.topic(), message.partition()))
-            self._observe()
+    # ------------------------------------------------------------ inserts
 
-    def _put_back(self, message: Message) -> None:
-        """A message fetched while the batch is retried (before the pause took effect, or from a partition
-        assigned meanwhile): pause its partition and rewind it there, so it is read again after the flush.
-        Added to the batch instead, it would change the retry's tokens and could join a table whose insert
-        already landed, and be committed without being stored."""
-        position = TopicPartition(message.topic(), message.partition(), message.offset())
-        self._consumer.pause([position])
-        self._consumer.seek(position)
-
-    def _insert(self, batch: Batch) -> None:
+    def insert(self, batch: Batch) -> None:
         """Insert each table's rows of the batch (an insert that landed is not sent again). Frames go before
         their events: after a crash in between, the events are replayed and their frames written again
         (collapsing in ``emotion_frames``), while frames after events would be lost with the replay skipped."""
-        for topic, table in self._topics.items():
+        for topic, table in self.tables.items():
             if topic in batch.inserted_topics:
                 continue
             sources = batch.sources_for(topic)
@@ -424,9 +285,9 @@ class ClickHouseSink:
             for row in rows:
                 row[-1] = now
         started = time.perf_counter()
-        with self._lock:
-            self._client.insert(table, rows, column_names=list(columns), database=self._settings.clickhouse.database,
-                                settings=dedup_settings(token))
+        with self.lock:
+            self.client.insert(table, rows, column_names=list(columns), database=self.settings.clickhouse.database,
+                               settings=dedup_settings(token))
         self.metrics.stage_seconds.labels("insert").observe(time.perf_counter() - started)
         self.metrics.sink_rows.labels(table).inc(len(rows))
 
@@ -437,96 +298,164 @@ class ClickHouseSink:
         module docstring)."""
         message = source.message
         position = f"{message.topic()}[{message.partition()}]@{message.offset()}"
-        if message.topic() == self._settings.kafka.dead_letter_topic:
+        if message.topic() == self.settings.kafka.dead_letter_topic:
             self.metrics.errors.labels(REJECTED).inc()
             log.error("ClickHouse rejected the dead letter at %s; it stays in Kafka only: %s", position,
                       error_line(error))
             return
         failure = Failure(REJECTED, "sink", type(error).__name__, error_line(error))
-        reference = dict(zip(_COLUMNS[self._topics[message.topic()]], source.row, strict=True))
+        reference = dict(zip(_COLUMNS[self.tables[message.topic()]], source.row, strict=True))
         self._produce_dead_letter(message, self._dead_letter_record(message, failure, reference))
-        if self._producer.flush(30) > 0:
+        if self.producer.flush(30) > 0:
             raise RuntimeError(f"the dead letter of {position} could not be delivered")
         self.metrics.dead_letter(REJECTED, "sink")
         log.warning("ClickHouse rejected the row of %s, sent to %s: %s", position,
-                    self._settings.kafka.dead_letter_topic, failure.message)
+                    self.settings.kafka.dead_letter_topic, failure.message)
 
-    def _commit(self, batch: Batch) -> None:
-        offsets = [TopicPartition(t, p, entry.last + 1) for (t, p), entry in batch.partitions.items()
-                   if (t, p) in self.assigned]
-        if offsets:
-            started = time.perf_counter()
-            try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as error:
-                # e.g. UNKNOWN_MEMBER_ID after a broker restart or a session timeout. The rows are stored:
-                # whoever replays them next skips them (resume_after), so this is no reason to die.
-                if error.args[0].fatal():
-                    raise
-                self.metrics.commit_failures.inc()
-                log.warning("offset commit failed (%s); the stored rows will be skipped when replayed",
-                            error.args[0].str())
+
+class SinkStrategy:
+    """One assignment's batch: skips what is stored, flushes by size and time, retries with backoff, and
+    reports each message finished once its rows are stored."""
+
+    def __init__(self, writer: Writer, recent: dict[str, RecentIds], resume_after: dict[TopicPartition, int],
+                 topic_ids: dict[str, str], report: Reporter) -> None:
+        self._writer = writer
+        self._recent = recent
+        self._resume_after = resume_after
+        self._topic_ids = topic_ids
+        self._report = report
+        self._limits = writer.settings.clickhouse
+        self._metrics = writer.metrics
+        self._batch = Batch()
+        self._retry_at = 0.0
+        self._backoff = FIRST_BACKOFF_SECONDS
+
+    def submit(self, message: Message) -> None:
+        if self._batch.rows >= self._limits.batch_rows and not self._flush():
+            raise MessageRejected
+        tp, offset = (message.topic(), message.partition()), message.offset()
+        if offset <= self._resume_after.get(tp, -1):
+            self._metrics.sink_skipped_replays.labels("position").inc()  # stored before a crash
+            self._report(tp, offset, finished=True)
+            return
+        row, frames = self._writer.rows(message, self._topic_ids.get(tp[0], ""))
+        recent = self._recent.get(self._writer.tables[tp[0]])
+        if row is not None and recent is not None and not recent.add(row[0]):
+            self._metrics.sink_skipped_replays.labels("id").inc()  # a processor's replay
+            row = None
+        if row is None:
+            self._batch.messages.append((tp, offset))  # finished with the batch: after any dead letter it sent
+            return
+        self._batch.add(tp, offset, Source(message, row, frames))
+
+    def poll(self) -> None:
+        batch = self._batch
+        if batch.messages and (batch.rows >= self._limits.batch_rows
+                               or time.monotonic() - batch.started >= self._limits.batch_seconds):
+            self._flush()
+
+    def join(self, timeout: float) -> None:
+        """Land the batch now, retrying with backoff for at most ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self._batch.messages and not self._flush():
+            wait = min(self._retry_at, deadline) - time.monotonic()
+            if time.monotonic() >= deadline:
                 return
-            self.metrics.commit_seconds.labels("sync").observe(time.perf_counter() - started)
-            self._lag.committed({(o.topic, o.partition): o.offset for o in offsets})
+            time.sleep(max(0.0, wait))
 
-    # ------------------------------------------------------------ rebalancing
+    def close(self) -> None:
+        """Report what was not stored dropped (it is read again), and forget its ids so that replay is not
+        mistaken for a repeat."""
+        for tp, sources in self._batch.sources.items():
+            if (recent := self._recent.get(self._writer.tables[tp[0]])) is not None:
+                recent.discard(source.row[0] for source in sources)
+        for tp, offset in self._batch.messages:
+            self._report(tp, offset, finished=False)
+        self._batch = Batch()
+        self._writer.producer.flush(10)
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.metrics.rebalances.labels("assign").inc()
-        self.assigned |= {(p.topic, p.partition) for p in partitions}
-        topics = sorted({p.topic for p in partitions})
-        self._topic_ids |= topic_ids(self._admin, topics)
+    def _flush(self) -> bool:
+        """Insert the batch if a retry is due; True once it is stored and reported finished."""
+        if time.monotonic() < self._retry_at:
+            return False
+        batch = self._batch
+        try:
+            self._writer.insert(batch)
+        except Exception as error:
+            self._metrics.sink_insert_failures.inc()
+            self._metrics.clickhouse_ok = False
+            log.warning("ClickHouse insert of %d rows failed (%s: %s); retrying in %.1fs", batch.rows,
+                        type(error).__name__, str(error)[:200], self._backoff)
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+            return False
+        self._writer.deliver_dead_letters()
+        for tp, offset in batch.messages:
+            self._report(tp, offset, finished=True)
+        self._metrics.clickhouse_ok = True
+        self._metrics.sink_batch_rows.observe(batch.rows)
+        self._batch = Batch()
+        self._retry_at, self._backoff = 0.0, FIRST_BACKOFF_SECONDS
+        return True
+
+
+class SinkStrategies:
+    """The strategy factory of a sink: reads where each assigned partition's stored rows end (for the topic's
+    current incarnation) and the newest stored ids, then hands them to a fresh :class:`SinkStrategy`."""
+
+    def __init__(self, writer: Writer, admin: AdminClient, recent_ids: int) -> None:
+        self.writer = writer
+        self._admin = admin
+        self._recent = {EVENTS_TABLE: RecentIds(recent_ids), DEAD_LETTERS_TABLE: RecentIds(recent_ids)}
+
+    def __call__(self, partitions: frozenset[TopicPartition], report: Reporter) -> SinkStrategy:
+        writer = self.writer
+        database = writer.settings.clickhouse.database
+        topics = sorted({topic for topic, _ in partitions})
+        ids = topic_ids(self._admin, topics)
+        resume_after: dict[TopicPartition, int] = {}
         for topic in topics:
-            table, database = self._topics[topic], self._settings.clickhouse.database
-            if not self._topic_ids[topic]:
+            table = writer.tables[topic]
+            if not ids[topic]:
                 log.warning("the broker reports no topic id for %s: resuming by committed offset only, "
                             "replays are dropped by id", topic)
-            with self._lock:
-                stored = last_offsets(self._client, database, table, topic, self._topic_ids[topic])
+            with writer.lock:
+                stored = last_offsets(writer.client, database, table, topic, ids[topic])
                 if (recent := self._recent.get(table)) is not None and recent.capacity > 0:
-                    recent.update(stored_ids(self._client, database, table, topic, recent.capacity))
-            for p in partitions:
-                if p.topic == topic and p.partition in stored:
-                    self._resume_after[(topic, p.partition)] = stored[p.partition]
+                    recent.update(stored_ids(writer.client, database, table, topic, recent.capacity))
+            resume_after |= {(topic, p): stored[p] for t, p in partitions if t == topic and p in stored}
+        return SinkStrategy(writer, self._recent, resume_after, ids, report)
 
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Flush so the next owner starts after our rows; if ClickHouse is down, hand the revoked
-        partitions' rows back uninserted (the next owner replays them) and keep the rest."""
-        self.metrics.rebalances.labels("revoke").inc()
-        if self._failed:
-            self._forget(partitions)
-            return
-        try:
-            self._insert(self._batch)
-            self._producer.flush(10)
-            self._commit(self._batch)
-            self._batch = Batch()
-        except Exception as error:
-            log.warning("flush on revoke failed (%s); the next owner replays the revoked partitions", error)
-            self._hand_back(partitions)
-        self._forget(partitions)
 
-    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.metrics.rebalances.labels("lost").inc()
-        self._hand_back(partitions)
-        self._forget(partitions)
+def sink_limits(settings: Settings) -> LoopLimits:
+    batch_rows = settings.clickhouse.batch_rows
+    return LoopLimits(max_in_flight=2 * batch_rows, commit_interval_seconds=settings.batch.commit_interval_seconds,
+                      join_timeout_seconds=settings.batch.revoke_grace_seconds, poll_batch=5_000)
 
-    def _hand_back(self, partitions: list[TopicPartition]) -> None:
-        """Drop these partitions' uninserted rows (their next owner replays them), and their ids with them."""
-        gone = {(p.topic, p.partition) for p in partitions}
-        for (topic, partition), entry in self._batch.partitions.items():
-            if (topic, partition) in gone and (recent := self._recent.get(self._topics[topic])) is not None:
-                recent.discard(row[0] for row in entry.rows)
-        self._batch = self._batch.without(gone)
 
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        gone = {(p.topic, p.partition) for p in partitions}
-        self.assigned -= gone
-        self._lag.forget(gone)
-        for tp in gone:
-            self._resume_after.pop(tp, None)
-            self._last_seen.pop(tp, None)
+class ClickHouseSink:
+    """One member of the sink group: the consumer loop driving :class:`SinkStrategy`."""
+
+    def __init__(self, settings: Settings, client: Any, codec: Codec, *, client_lock: threading.Lock | None = None,
+                 metrics: Metrics | None = None, recent_ids: int = RECENT_IDS) -> None:
+        self.metrics = metrics or Metrics("sink")
+        kafka = settings.kafka
+        writer = Writer(settings, client, client_lock or threading.Lock(), codec, self.metrics)
+        admin = AdminClient(kafka.client_config() | {"logger": kafka_logger()})
+        self.loop = ConsumerLoop(consumer_config(kafka, kafka.sink_group), list(writer.tables),
+                                 SinkStrategies(writer, admin, recent_ids), sink_limits(settings),
+                                 metrics=self.metrics, lag_interval=settings.observability.lag_interval_seconds,
+                                 leave_group=kafka.leave_group_on_close)
+
+    @property
+    def assigned(self) -> set[TopicPartition]:
+        return self.loop.assigned
+
+    def run(self) -> None:
+        self.loop.run()
+
+    def stop(self) -> None:
+        self.loop.stop()
 
 
 def run_sink(settings: Settings) -> int:

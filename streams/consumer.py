@@ -1,20 +1,33 @@
-"""The consumer loop: polls on one thread, hands messages to a processing strategy running elsewhere.
+"""The consumer loop: one poll thread, one processing contract, the commit policy in one place.
 
-Design (after Sentry's Arroyo):
-- The poll thread owns the Consumer. It never runs inference, so heartbeats and rebalances go on
-  however slow a batch is, and max.poll.interval.ms is never exceeded.
-- The strategy reports each message back exactly once, as finished (outputs delivered) or dropped.
-  Offsets are stored only over a finished prefix (see offsets.py) and committed about once per
-  ``commit_interval_seconds``, and synchronously on revoke and shutdown.
-- Backpressure: when ``max_in_flight`` messages are unsettled the loop pauses its partitions but
-  keeps polling; it resumes them once half the work drained.
-- Revoke (cooperative-sticky, so only the moving partitions): the strategy drops queued work of those
-  partitions, in-progress work gets ``revoke_grace_seconds`` to finish, the finished prefix is
-  committed, and the rest is redelivered to the partition's next owner.
+Everything that consumes with a group (the processor, the ClickHouse sink) runs on :class:`ConsumerLoop`
+and differs only in its :class:`Strategy`, after Sentry's Arroyo:
+
+- **A fresh strategy per assignment.** The loop asks a factory for a strategy over the partitions it owns
+  (``factory(partitions, report)``). When the assignment changes (partitions assigned, revoked or lost, or a
+  partition's log restarted under us), the current strategy is joined (``join(timeout)``: finish what it
+  holds, for at most ``join_timeout_seconds``) and closed (``close()``: what is left is reported dropped),
+  the finished prefix is committed, partitions kept but holding dropped work are rewound to their first
+  unfinished offset, and a new strategy takes over. A strategy therefore never sees its partitions change,
+  and a report from a closed strategy is ignored (each strategy reports under its own generation).
+- **Submit / poll / join / close.** ``submit`` takes one message without blocking for long; ``poll`` runs on
+  the poll thread once per turn for due work (the sink's inserts) and raises the strategy's fatal error;
+  every submitted message is reported exactly once, ``finished`` (its outputs are delivered) or dropped.
+- **Backpressure is one signal.** A strategy that cannot take a message raises :class:`MessageRejected`, and
+  the loop itself refuses when ``max_in_flight`` messages are unsettled. Either way the loop holds that
+  message, pauses every partition and keeps polling (heartbeats, rebalances); anything still delivered
+  meanwhile is rewound to be read again. The held message is offered again each turn (for the in-flight
+  bound once half the work drained) and the partitions resume when it is taken.
+- **Commits** (here only): offsets are stored over a finished prefix per partition (see offsets.py), committed
+  about every ``commit_interval_seconds``, and synchronously on every assignment change and on a clean stop.
+  A loop that stops on an error commits nothing more: the next owner replays, and outputs are idempotent.
+- The poll thread never runs the strategy's slow work (the processor's inference runs on its own threads;
+  the sink's inserts are bounded by ClickHouse's timeouts), so max.poll.interval.ms is never exceeded.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -25,7 +38,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from emofleet.core.config import BatchSettings, KafkaSettings
+from emofleet.core.config import KafkaSettings
 from emofleet.core.logs import kafka_logger
 from emofleet.core.metrics import CommitTimer, LagMonitor, Metrics
 from emofleet.streams.offsets import OffsetTracker
@@ -34,13 +47,8 @@ from emofleet.streams.offsets import TopicPartition as TP
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Settled:
-    """A strategy's report on one message."""
-
-    tp: TP
-    offset: int
-    finished: bool  # False: dropped unfinished (revoked or shutting down); never committed past
+class MessageRejected(Exception):
+    """Raised by :meth:`Strategy.submit`: the strategy cannot take the message now (backpressure)."""
 
 
 class Reporter(Protocol):
@@ -48,19 +56,41 @@ class Reporter(Protocol):
 
 
 class Strategy(Protocol):
-    """What the loop drives. Every submitted message must be reported exactly once via the reporter."""
+    """What the loop drives, over a fixed set of partitions. Every submitted message is reported exactly
+    once through the reporter the factory was given (from any thread)."""
 
-    def submit(self, message: Message, generation: int) -> None:
-        """Take one message; must not block the poll thread for long."""
+    def submit(self, message: Message) -> None:
+        """Take one message, or raise :class:`MessageRejected`; must not block the poll thread for long."""
 
-    def revoke(self, partitions: set[TP]) -> None:
-        """Drop queued work of these partitions (report it dropped); in-progress work may finish."""
+    def poll(self) -> None:
+        """Due work on the poll thread, once per turn; raises the strategy's fatal error."""
 
-    def close(self, timeout: float) -> None:
-        """Stop: finish in-progress work, drop the rest, flush outputs."""
+    def join(self, timeout: float) -> None:
+        """Finish what was submitted, within ``timeout`` seconds; no more messages come."""
 
-    def failure(self) -> BaseException | None:
-        """A fatal error in the strategy (the loop then stops without committing past it)."""
+    def close(self) -> None:
+        """Stop: report everything unfinished dropped, release what the strategy holds."""
+
+
+StrategyFactory = Callable[[frozenset[TP], Reporter], Strategy]
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    max_in_flight: int  # unsettled messages before the loop holds back
+    commit_interval_seconds: float
+    join_timeout_seconds: float  # how long a strategy may finish its work when the assignment changes
+    poll_batch: int = 500  # messages asked of the consumer per turn
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A strategy's report on one message."""
+
+    generation: int  # of the strategy that reported it
+    tp: TP
+    offset: int
+    finished: bool  # False: dropped unfinished; never committed past
 
 
 def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
@@ -98,63 +128,66 @@ def let_go(consumer: Consumer, *, leave_group: bool) -> None:
 
 
 class ConsumerLoop:
-    def __init__(self, config: dict[str, Any], topics: list[str],
-                 strategy_factory: Callable[[Reporter, Callable[[TP, int], bool]], Strategy],
-                 batch: BatchSettings, *, metrics: Metrics | None = None, lag_interval: float = 5.0,
-                 leave_group: bool = True) -> None:
-        self.metrics = metrics or Metrics("processor")
-        self._commit_timer = CommitTimer(self.metrics)
+    def __init__(self, config: dict[str, Any], topics: list[str], factory: StrategyFactory, limits: LoopLimits, *,
+                 metrics: Metrics, lag_interval: float = 5.0, leave_group: bool = True) -> None:
+        self.metrics = metrics
+        self._commit_timer = CommitTimer(metrics)
         self._consumer = Consumer(config | {"on_commit": self._commit_timer.on_commit})
-        self._lag = LagMonitor(self._consumer, self.metrics.consumer_lag, lag_interval)
+        self._lag = LagMonitor(self._consumer, metrics.consumer_lag, lag_interval)
         self._topics = topics
+        self._factory = factory
+        self._limits = limits
         self._leave_group = leave_group
-        self._batch = batch
         self._settled: queue.SimpleQueue[Settled] = queue.SimpleQueue()
         self._tracker = OffsetTracker()
-        self._generations: dict[TP, int] = {}
-        self._generation_counter = 0
+        self._last_offset: dict[TP, int] = {}  # of the last message taken per partition
+        self._strategy: Strategy | None = None
+        self._generation = 0
+        self._held: Message | None = None  # a message offered but not taken (backpressure)
+        self._rewound: set[TP] = set()  # partitions rewound while holding
         self._paused = False
         self._stop = threading.Event()
         self._last_commit = time.monotonic()
-        self.strategy = strategy_factory(self._report, self.is_current)
-        self.assigned: set[TP] = set()
         self._peak_in_flight = 0  # behind the in_flight_peak gauge
-
-    # ------------------------------------------------------------ called from worker threads
-
-    def _report(self, tp: TP, offset: int, *, finished: bool) -> None:
-        self._settled.put(Settled(tp, offset, finished))
-
-    def is_current(self, tp: TP, generation: int) -> bool:
-        """True while the partition is still assigned under the generation the work was submitted in."""
-        return self._generations.get(tp) == generation
+        self.assigned: set[TP] = set()
 
     def stop(self) -> None:
         """Ask the loop to finish (signal-safe)."""
         self._stop.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def in_flight(self) -> int:
+        return self._tracker.in_flight()
 
     # ------------------------------------------------------------ poll thread
 
     def run(self) -> None:
         self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
+        clean = False
         try:
             while not self._stop.is_set():
-                if (failure := self.strategy.failure()) is not None:
-                    raise failure
-                self._poll_once()
+                self._turn()
+            clean = True
         finally:
-            self._shutdown()
+            self._shutdown(clean=clean)
 
-    def _poll_once(self) -> None:
-        # At the bound this still asks for one message: consume() is also what serves heartbeats and
-        # rebalance callbacks, and the partitions are paused by then, so at most prefetched ones come.
-        room = max(1, self._batch.max_in_flight - self._tracker.in_flight())
-        for message in self._consumer.consume(num_messages=min(room, 500), timeout=0.1):
+    def _turn(self) -> None:
+        # Near the bound this still asks for one message: consume() is also what serves heartbeats and
+        # rebalance callbacks.
+        room = max(1, min(self._limits.poll_batch, self._limits.max_in_flight - self._tracker.in_flight()))
+        for message in self._consumer.consume(num_messages=room, timeout=0.1):
             self._accept(message)
         self._drain_settled()
-        self._apply_backpressure()
-        if time.monotonic() - self._last_commit >= self._batch.commit_interval_seconds:
+        if self._strategy is not None:
+            self._strategy.poll()
+        self._drain_settled()
+        if self._held is not None:
+            self._offer_held()
+        if time.monotonic() - self._last_commit >= self._limits.commit_interval_seconds:
             self._commit(asynchronous=True)
         self._observe()
 
@@ -178,55 +211,83 @@ class ConsumerLoop:
             log.warning("consumer error: %s", error.str())
             return
         tp = (message.topic(), message.partition())
-        generation = self._generations.get(tp)
-        if generation is None:  # arrived for a partition revoked meanwhile
+        if tp not in self.assigned:  # arrived for a partition revoked meanwhile
+            return
+        if self._held is not None:
+            self._rewind(message)
             return
         self.metrics.messages_in.labels(tp[0]).inc()
+        if message.offset() <= self._last_offset.get(tp, -1):
+            self._restart_partition(tp, message.offset())
+        self._offer(message)
+
+    def _offer(self, message: Message) -> bool:
+        """Submit, or hold the message and pause (backpressure); True when the strategy took it."""
+        bound = self._limits.max_in_flight // 2 if self._paused else self._limits.max_in_flight
+        taken = self._tracker.in_flight() < max(1, bound) and self._submit(message)
+        if not taken:
+            self._hold(message)
+        return taken
+
+    def _submit(self, message: Message) -> bool:
+        assert self._strategy is not None
+        try:
+            self._strategy.submit(message)
+        except MessageRejected:
+            return False
+        tp = (message.topic(), message.partition())
         self._tracker.consumed(tp, message.offset())
+        self._last_offset[tp] = message.offset()
         self._record_peak(self._tracker.in_flight())
-        self.strategy.submit(message, generation)
+        return True
+
+    def _hold(self, message: Message) -> None:
+        self._held = message
+        if not self._paused:
+            self._set_paused(True)
+
+    def _offer_held(self) -> None:
+        held, self._held = self._held, None
+        assert held is not None
+        if self._offer(held):
+            self._rewound.clear()
+            self._set_paused(False)
+
+    def _rewind(self, message: Message) -> None:
+        """A message delivered while holding: seek its partition back to it (paused), to read it again."""
+        tp = (message.topic(), message.partition())
+        if tp not in self._rewound:
+            self._rewound.add(tp)
+            self._consumer.seek(TopicPartition(tp[0], tp[1], message.offset()))
 
     def _record_peak(self, in_flight: int) -> None:
         if in_flight > self._peak_in_flight:
             self._peak_in_flight = in_flight
             self.metrics.in_flight_peak.set(in_flight)
 
-    def _drain_settled(self, timeout: float = 0.0) -> None:
-        try:
-            item = self._settled.get(timeout=timeout) if timeout > 0 else self._settled.get_nowait()
-        except queue.Empty:
-            return
+    def _report(self, generation: int, tp: TP, offset: int, *, finished: bool) -> None:
+        self._settled.put(Settled(generation, tp, offset, finished))  # any thread
+
+    def _drain_settled(self) -> None:
         while True:
-            if item.finished:
-                self._tracker.finished(item.tp, item.offset)
-            else:
-                self._tracker.dropped(item.tp, item.offset)
             try:
                 item = self._settled.get_nowait()
             except queue.Empty:
                 return
-
-    def _apply_backpressure(self) -> None:
-        in_flight = self._tracker.in_flight()
-        if not self._paused and in_flight >= self._batch.max_in_flight:
-            self._set_paused(True)
-        elif self._paused and in_flight <= self._batch.max_in_flight // 2:
-            self._set_paused(False)
+            if item.generation != self._generation:
+                continue  # from a strategy already closed: its partitions were rewound or given away
+            if item.finished:
+                self._tracker.finished(item.tp, item.offset)
+            else:
+                self._tracker.dropped(item.tp, item.offset)
 
     def _set_paused(self, paused: bool) -> None:
         partitions = [TopicPartition(t, p) for t, p in self.assigned]
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
-        self._paused = paused
         if paused:
             self.metrics.backpressure_pauses.inc()
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    def in_flight(self) -> int:
-        return self._tracker.in_flight()
+        self._paused = paused
 
     def _commit(self, *, asynchronous: bool, partitions: list[TP] | None = None) -> None:
         self._last_commit = time.monotonic()
@@ -240,7 +301,11 @@ class ConsumerLoop:
             self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                   asynchronous=asynchronous)
         except KafkaException as error:
+            if error.args[0].fatal():
+                raise
             if error.args[0].code() != KafkaError._NO_OFFSET:
+                # e.g. UNKNOWN_MEMBER_ID after a broker restart: the work is done and its outputs are
+                # idempotent, so whoever reads it again just repeats it
                 self.metrics.commit_failures.inc()
                 log.warning("commit failed (will retry): %s", error.args[0].str())
             return
@@ -249,53 +314,84 @@ class ConsumerLoop:
         self._lag.committed(offsets)
         self._tracker.mark_committed(offsets)
 
-    # ------------------------------------------------------------ rebalance callbacks (poll thread)
+    # ------------------------------------------------------------ assignment changes (poll thread)
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.metrics.rebalances.labels("assign").inc()
-        for partition in partitions:
-            tp = (partition.topic, partition.partition)
-            self._generation_counter += 1
-            self._generations[tp] = self._generation_counter
-            self.assigned.add(tp)
+        added = {(p.topic, p.partition) for p in partitions}
+        self._replace_strategy(kept=set(self.assigned), gone=set())
+        self.assigned |= added
         if self._paused and partitions:
             self._consumer.pause(partitions)
+        self._start_strategy()
         log.info("assigned %s", sorted(f"{t}[{p}]" for t, p in self.assigned))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._release(partitions, commit=True)
+        self._release({(p.topic, p.partition) for p in partitions}, lost=False)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._release(partitions, commit=False)
+        self._release({(p.topic, p.partition) for p in partitions}, lost=True)
 
-    def _release(self, partitions: list[TopicPartition], *, commit: bool) -> None:
-        self.metrics.rebalances.labels("revoke" if commit else "lost").inc()
-        revoked = {(p.topic, p.partition) for p in partitions}
-        for tp in revoked:
-            self._generations.pop(tp, None)
-        self.strategy.revoke(revoked)
-        self._wait_settled(revoked, self._batch.revoke_grace_seconds)
-        if commit:
-            self._commit(asynchronous=False, partitions=list(revoked))
-        self._tracker.forget(list(revoked))
-        self._lag.forget(revoked)
-        self.assigned -= revoked
-        log.info("revoked %s", sorted(f"{t}[{p}]" for t, p in revoked))
+    def _release(self, gone: set[TP], *, lost: bool) -> None:
+        self.metrics.rebalances.labels("lost" if lost else "revoke").inc()
+        self._replace_strategy(kept=self.assigned - gone, gone=set() if lost else gone, forget=gone if lost else set())
+        self.assigned -= gone
+        self._lag.forget(gone)
+        self._start_strategy()
+        log.info("revoked %s", sorted(f"{t}[{p}]" for t, p in gone))
 
-    def _wait_settled(self, partitions: set[TP], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while any(self._tracker.unsettled(tp) for tp in partitions) and time.monotonic() < deadline:
-            self._drain_settled(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+    def _restart_partition(self, tp: TP, offset: int) -> None:
+        """Offsets went back within one assignment: the broker serves a new log (topic recreated, memory storage
+        restarted) before the group noticed. What was tracked for the old log is forgotten uncommitted (its
+        offsets mean nothing in the new one) and a fresh strategy starts (the sink then asks for the log's id)."""
+        log.warning("offsets of %s[%d] went back to %d: the partition has a new log; reading it from there",
+                    tp[0], tp[1], offset)
+        self._replace_strategy(kept=self.assigned - {tp}, gone=set(), forget={tp})
+        self._start_strategy()
+
+    def _replace_strategy(self, *, kept: set[TP], gone: set[TP], forget: frozenset[TP] | set[TP] = frozenset()) -> None:
+        """End the current strategy: join it, close it, commit the finished prefix of ``kept`` and ``gone``,
+        forget ``forget`` uncommitted, and rewind the kept partitions whose work was dropped."""
+        for tp in forget:
+            self._tracker.forget([tp])
+            self._last_offset.pop(tp, None)
+        if self._strategy is not None:
+            self._strategy.join(self._limits.join_timeout_seconds)
+            self._strategy.close()
+            self._strategy = None
+        self._drain_settled()
+        self._generation += 1  # later reports of the closed strategy are ignored
+        held, self._held = self._held, None
+        self._rewound.clear()
+        self._commit(asynchronous=False, partitions=sorted(kept | gone))
+        rewind = {tp: offset for tp in kept if (offset := self._tracker.first_unfinished(tp)) is not None}
+        if held is not None and (tp := (held.topic(), held.partition())) in kept:
+            rewind.setdefault(tp, held.offset())
+        for tp, offset in rewind.items():
+            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        self._tracker.forget(list(kept | gone))
+        for tp in kept | gone:
+            self._last_offset.pop(tp, None)
+        if self._paused:
+            self._set_paused(False)
+
+    def _start_strategy(self) -> None:
+        if self.assigned:
+            self._strategy = self._factory(frozenset(self.assigned), functools.partial(self._report, self._generation))
 
     # ------------------------------------------------------------ shutdown
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, *, clean: bool) -> None:
         try:
-            self.strategy.close(self._batch.revoke_grace_seconds)
-            self._wait_settled(set(self.assigned), 1.0)
-            self._drain_settled()
-            self._commit(asynchronous=False)
+            if self._strategy is not None:
+                if clean:
+                    self._strategy.join(self._limits.join_timeout_seconds)
+                self._strategy.close()
+                self._drain_settled()
+            if clean:
+                self._commit(asynchronous=False)
         finally:
             # close() runs the revoke callbacks, which need the loop intact; then the last references go
+            self._strategy = None
             let_go(self._consumer, leave_group=self._leave_group)
             self._consumer = self._lag = None  # type: ignore[assignment]

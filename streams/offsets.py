@@ -64,6 +64,11 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         return 0 if state is None else state.unsettled
 
+    def first_unfinished(self, tp: TopicPartition) -> int | None:
+        """The oldest consumed offset not finished (open or dropped): where a re-read must start."""
+        state = self._partitions.get(tp)
+        return state.pending[0] if state is not None and state.pending else None
+
     def in_flight(self) -> int:
         """Messages consumed but not yet finished or dropped, over all partitions (the backpressure gauge)."""
         return sum(state.unsettled for state in self._partitions.values())

@@ -278,7 +278,7 @@ class ThreadMember:
 
         model = load_model(settings.model, cache_dir=settings.data_dir / "models")
         self.processor = build_processor(settings, model=model)
-        self._thread = threading.Thread(target=self.processor.loop.run, name="member", daemon=True)
+        self._thread = threading.Thread(target=self.processor.run, name="member", daemon=True)
         self._thread.start()
 
     def assigned(self) -> bool:
@@ -288,7 +288,7 @@ class ThreadMember:
         return {f"{topic}[{partition}]" for topic, partition in list(self.processor.loop.assigned)}
 
     def stop(self) -> None:
-        self.processor.loop.stop()
+        self.processor.stop()
         self._thread.join(60)
         assert not self._thread.is_alive(), "an in-process member did not stop"
 

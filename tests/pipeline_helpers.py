@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient
 from emofleet.processors.service import Processor, build_processor
 from emofleet.samples import write_samples
 from emofleet.schemas.codec import make_codec
-from emofleet.sinks.service import Batch, ClickHouseSink
+from emofleet.sinks.service import ClickHouseSink
 from emofleet.core.config import Settings
 from emofleet.streams.producer import AudioReferenceProducer
 from emofleet.streams.references import make_reference
@@ -44,12 +44,12 @@ def sample_uris(directory: Path, count: int, **kwargs: float) -> list[str]:
 @contextmanager
 def running_processor(settings: Settings, **kwargs) -> Iterator[Processor]:
     processor = build_processor(settings, **kwargs)
-    thread = threading.Thread(target=processor.loop.run, daemon=True)
+    thread = threading.Thread(target=processor.run, daemon=True)
     thread.start()
     try:
         yield processor
     finally:
-        processor.loop.stop()
+        processor.stop()
         thread.join(30)
         assert not thread.is_alive()
 
@@ -93,16 +93,20 @@ class FlakyClient:
 
 
 class SinkWithCommitHook(ClickHouseSink):
-    """The sink, calling ``before_commit`` once a batch is stored and before its offsets are committed: where
-    a test makes it die between insert and commit."""
+    """The sink, calling ``before_commit`` once stored rows are about to be committed: where a test makes it die
+    between insert and commit. It wraps the loop's one commit path (tests only)."""
 
     def __init__(self, *args: Any, before_commit: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._before_commit = before_commit
+        loop = self.loop
+        commit, tracker = loop._commit, loop._tracker
 
-    def _commit(self, batch: Batch) -> None:
-        self._before_commit()
-        super()._commit(batch)
+        def commit_after_hook(*, asynchronous: bool, partitions: list[tuple[str, int]] | None = None) -> None:
+            if tracker.to_commit(partitions):
+                before_commit()
+            commit(asynchronous=asynchronous, partitions=partitions)
+
+        loop._commit = commit_after_hook  # type: ignore[method-assign]
 
 
 class Crash(BaseException):

@@ -180,7 +180,8 @@ def test_processor_and_sink_metrics_match_the_real_counts(settings: Settings, tm
     assert value(stored, "emofleet_messages_in_total", topic=dead) == 4
     assert value(stored, "emofleet_stage_seconds_count", stage="insert") >= 2
     assert value(stored, "emofleet_sink_batch_rows_sum") == produced + 4
-    assert value(stored, "emofleet_commit_seconds_count", mode="sync") >= 1
+    # lag 0 means the broker holds the commits: the sink's loop commits asynchronously while it runs
+    assert value(stored, "emofleet_commit_seconds_count", mode="async") >= 1
     assert (name := "emofleet_model_info") not in {n for n, _ in stored}, f"{name} is the processor's alone"
     assert value(stored, "emofleet_sink_insert_failures_total") == flaky.failed
 

@@ -108,7 +108,7 @@ def test_a_restarted_sink_remembers_what_is_stored(sink_settings: Settings, chdb
 
 
 class _CommitFailsOnce:
-    """The sink's consumer, whose first synchronous commit fails as after a broker restart."""
+    """The sink loop's consumer, whose first commit fails as after a broker restart."""
 
     def __init__(self, consumer: object) -> None:
         self._consumer = consumer
@@ -132,7 +132,7 @@ def test_a_failed_commit_does_not_stop_the_sink(sink_settings: Settings, chdb) -
     database = sink_settings.clickhouse.database
     publish(sink_settings, make_events(100))
     with running_sink(sink_settings, chdb) as sink:
-        sink._consumer = failing = _CommitFailsOnce(sink._consumer)  # noqa: SLF001 - fault injection
+        sink.loop._consumer = failing = _CommitFailsOnce(sink.loop._consumer)  # noqa: SLF001 - fault injection
         run = owner_runner(sink_settings.data_dir)
         wait_rows(run, database, 100)
         publish(sink_settings, make_events(50, start=100))

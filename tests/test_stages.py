@@ -38,7 +38,7 @@ TP = ("audio", 0)
 
 def _item(offset: int = 0, *, seconds: float = 1.0, sha: str | None = None, tp: tuple[str, int] = TP,
           value: bytes = b"") -> Item:
-    item = Item(tp, offset, 1, b"k", value, [], time.monotonic())
+    item = Item(tp, offset, b"k", value, [], time.monotonic())
     if seconds:
         samples = np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
         item.audio = Audio(samples, sha or f"sha-{tp[1]}-{offset}", seconds)
