@@ -14,6 +14,8 @@ properties, which replaces both (that is how :func:`to_env` hands them to child 
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import dataclasses
 import json
 import os
@@ -25,8 +27,10 @@ from typing import Any, get_type_hints
 ENV_PREFIX = "EMOFLEET_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserFacingError, ValueError):
     """A setting has a value that cannot be used; the message names the setting."""
+
+    hint = "see `emofleet config` for the effective settings"
 
 
 class Secret(str):

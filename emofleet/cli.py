@@ -14,14 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from emofleet.core import config as cfg
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line with a hint, no traceback."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+from emofleet.core.errors import UserFacingError
 
 
 # ---------------------------------------------------------------- settings
@@ -107,14 +100,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from emofleet.streams.references import references_from_manifest, references_from_paths
 
     if not args.paths and not args.manifest:
-        raise UserError("nothing to produce", "give audio paths/globs or --manifest FILE.jsonl|.csv")
+        raise UserFacingError("nothing to produce", "give audio paths/globs or --manifest FILE.jsonl|.csv")
     path_map = _path_map(args.path_map or [])
     settings = load_settings(args)
     defaults = {"tenant": args.tenant, "source": args.source, "channel": args.channel}
     items: list[Any] = list(references_from_paths(args.paths, defaults=defaults, path_map=path_map))
     for manifest in args.manifest or []:
         if not Path(manifest).is_file():
-            raise UserError(f"manifest {manifest} does not exist", "check the path")
+            raise UserFacingError(f"manifest {manifest} does not exist", "check the path")
         items.extend(references_from_manifest(Path(manifest), defaults=defaults, path_map=path_map))
     report, failed = _produce(settings, items)
     print(f"sent {report.sent}, failed {failed}")
@@ -133,7 +126,7 @@ def _path_map(texts: Sequence[str]) -> list[Any]:
         try:
             mapping = parse_path_mapping(text)
         except InvalidReference as error:
-            raise UserError(str(error), "e.g. --path-map ./audio:/audio (host dir : dir the processors read)") from None
+            raise UserFacingError(str(error), "e.g. --path-map ./audio:/audio (host dir : dir the processors read)") from None
         mappings.append(replace(mapping, source=PurePosixPath(Path(mapping.source).resolve())))
     return mappings
 
@@ -234,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            supervisor, timeout=args.timeout, stall_seconds=args.stall_timeout, progress=bar.update)
         except (CrashLoopError, StalledError) as error:
             print(f"{tracker.summary()}\nlast lines of {error.log}:\n{error.tail}", file=sys.stderr)
-            raise UserError(str(error), f"the whole log is {error.log}") from None
+            raise UserFacingError(str(error), f"the whole log is {error.log}") from None
         print(f"{tracker.summary()} ({time.monotonic() - started:.1f}s)\n")
         run, close = _query_runner(settings)
         stack.callback(close)
@@ -257,7 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         options = options_from(args)
     except ValueError as error:
-        raise UserError(str(error), "see `emofleet bench --help`") from None
+        raise UserFacingError(str(error), "see `emofleet bench --help`") from None
     with contextlib.ExitStack() as stack:
         settings = load_settings(args)
         members, check = find_pipeline_processes, (lambda: None)
@@ -276,7 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                processes=lambda: members() | stack_processes(settings.data_dir)
                                | {"bench": os.getpid()})
         except BenchError as error:
-            raise UserError(str(error), "without --attach the pipeline's logs are in <data dir>/logs") from None
+            raise UserFacingError(str(error), "without --attach the pipeline's logs are in <data dir>/logs") from None
     print(markdown(report))
     return 0 if report["complete"] and not report["send_failures"] else 1
 
@@ -309,7 +302,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     dsn, database = settings.clickhouse_dsn, settings.clickhouse.database
     path = dsn.removeprefix("chdb://")
     if dsn.startswith("chdb://") and (holder := chdb_lock_holder(path)):
-        raise UserError(f"the chDB directory {path} is open in another process ({holder}); chDB allows one process "
+        raise UserFacingError(f"the chDB directory {path} is open in another process ({holder}); chDB allows one process "
                         "per directory", "a running sink applies the migrations itself when it starts; stop it to "
                                          "migrate by hand")
     client = connect(settings.clickhouse, dsn)
@@ -340,7 +333,7 @@ def _query_runner(settings: cfg.Settings) -> tuple[Any, Callable[[], None]]:
     if dsn.startswith("chdb://") and (remote := owner_runner(settings.data_dir)) is not None:
         return remote, lambda: None
     if dsn.startswith("chdb://") and not Path(dsn.removeprefix("chdb://")).is_dir():
-        raise UserError(f"no ClickHouse data at {dsn}", "run `emofleet up` or `emofleet sink` first")
+        raise UserFacingError(f"no ClickHouse data at {dsn}", "run `emofleet up` or `emofleet sink` first")
     from emofleet.sinks.clickhouse import connect
 
     client = connect(settings.clickhouse, dsn)
@@ -367,7 +360,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         since, until = (parse_time_bound(text, now) if text else None for text in (args.since, args.until))
     except ValueError as error:
-        raise UserError(str(error), "e.g. --since 2h, or --since 2026-11-25 --until 2026-11-26") from None
+        raise UserFacingError(str(error), "e.g. --since 2h, or --since 2026-11-25 --until 2026-11-26") from None
     settings = load_settings(args)
     run, close = _query_runner(settings)
     try:
@@ -574,25 +567,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_message(error: Exception) -> tuple[str | None, str]:
-    from emofleet.infra.local_stack import StackError
+    from confluent_kafka import KafkaException
 
-    if isinstance(error, UserError):
-        return str(error), error.hint
-    if isinstance(error, cfg.ConfigError):
-        return str(error), "see `emofleet config` for the effective settings"
-    if isinstance(error, StackError):
-        return str(error), "`emofleet stack status` shows what runs"
-    if type(error).__name__ == "BackendError":
-        return str(error), "EMOFLEET_BACKEND=embedded needs nothing but this machine"
-    if type(error).__name__ == "QueryError":
-        return str(error), "queries are read-only; tables: emotion_events, dead_letters, emotion_minutes, emotion_frames"
-    if type(error).__name__ in {"ClickHouseError", "SchemaDriftError", "MigrationError"}:
-        # ClickHouseError ends its message (one line, fit for logs) with "(hint: ...)": show the hint once
-        message, _, _ = str(error).partition(" (hint: ")
-        return message, getattr(error, "hint", "") or "check the DSN (`emofleet config`) and that the sink runs"
-    if type(error).__name__ == "ModelLoadError":
-        return str(error), "`--model tiny` runs offline; a hub id needs network or a local copy"
-    if type(error).__name__ == "KafkaException":
+    if isinstance(error, UserFacingError):
+        return error.message, error.hint
+    if isinstance(error, KafkaException):
         return f"Kafka: {error.args[0].str() if error.args else error}", \
             "is the broker up? `emofleet stack start` runs the embedded one"
     return None, ""

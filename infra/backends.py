@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import contextlib
 import os
 import socket
@@ -23,8 +25,10 @@ CLICKHOUSE_IMAGE = "clickhouse/clickhouse-server:25.8"
 REDIS_IMAGE = "redis:7.4-alpine"
 
 
-class BackendError(RuntimeError):
+class BackendError(UserFacingError, RuntimeError):
     """The chosen backend cannot be used; the message says why and what to set."""
+
+    hint = "EMOFLEET_BACKEND=embedded needs nothing but this machine"
 
 
 @dataclass(frozen=True)

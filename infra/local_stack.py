@@ -11,6 +11,8 @@ is alive AND a Kafka metadata round trip on its port succeeds.
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import json
 import os
 import shutil
@@ -29,8 +31,10 @@ STATE_FILE = "stack.json"
 _TANSU_ENV = ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID")
 
 
-class StackError(RuntimeError):
+class StackError(UserFacingError, RuntimeError):
     """A local-stack component could not be started or reached; the message says which and why."""
+
+    hint = "`emofleet stack status` shows what runs"
 
 
 @dataclass(frozen=True)

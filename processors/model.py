@@ -22,6 +22,8 @@ Loading (:func:`load_model`):
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import contextlib
 import hashlib
 import io
@@ -64,8 +66,10 @@ _PROBE_TIMEOUT_S = 2.0
 _FUNASR_LOCK = threading.Lock()  # AutoModel construction touches process-global state
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserFacingError):
     """The model cannot be loaded; the message is one line that says what to do."""
+
+    hint = "`--model tiny` runs offline; a hub id needs network or a local copy"
 
 
 @dataclass(frozen=True)

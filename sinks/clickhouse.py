@@ -24,6 +24,8 @@ server 5xx without a ClickHouse error code) and "will fail again" (syntax, types
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import logging
 import re
 import socket
@@ -91,16 +93,21 @@ _HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 _CODE = re.compile(r"\bCode:\s*(\d+)")
 
 
-class ClickHouseError(Exception):
-    """ClickHouse could not be reached or set up. ``str()`` is one line with a hint, fit for the CLI.
+class ClickHouseError(UserFacingError):
+    """ClickHouse could not be reached or set up. ``str()`` is one line with a hint, fit for logs.
 
     ``transient`` says whether retrying later may help (see :func:`is_transient`).
     """
 
+    hint = "check the DSN (`emofleet config`) and that the sink runs"
+
     def __init__(self, message: str, *, hint: str = "", transient: bool = False) -> None:
-        self.hint = hint
+        super().__init__(_one_line(f"{message} (hint: {hint})" if hint else message), hint)
         self.transient = transient
-        super().__init__(_one_line(f"{message} (hint: {hint})" if hint else message))
+
+    @property
+    def message(self) -> str:
+        return str(self).partition(" (hint: ")[0]
 
 
 def connect(settings: ClickHouseSettings, dsn: str) -> Any:

@@ -72,6 +72,8 @@ altered: on a cluster, where the sink's tables are Distributed, set the TTLs on 
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import hashlib
 import logging
 import re
@@ -97,15 +99,17 @@ AGGREGATES_TABLE = "emotion_aggregates"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class SchemaError(Exception):
-    """Base class of the schema errors below."""
+class TableSchemaError(UserFacingError):
+    """The ClickHouse tables do not match this code (base class of the two below)."""
+
+    hint = "check the DSN (`emofleet config`) and that the sink runs"
 
 
-class MigrationError(SchemaError):
+class MigrationError(TableSchemaError):
     """The database's migration history does not match this code (edited or unknown migration)."""
 
 
-class SchemaDriftError(SchemaError):
+class SchemaDriftError(TableSchemaError):
     """The live tables differ from the expected columns; the message lists every difference."""
 
     def __init__(self, message: str, differences: Sequence[str]) -> None:

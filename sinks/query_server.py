@@ -7,6 +7,8 @@ bearer token in an owner file only the user can read, every query run with ``rea
 
 from __future__ import annotations
 
+from emofleet.core.errors import UserFacingError
+
 import json
 import math
 import os
@@ -27,8 +29,10 @@ MAX_REQUEST_BYTES = 1 << 20
 QueryRunner = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
 
 
-class QueryError(RuntimeError):
+class QueryError(UserFacingError, RuntimeError):
     """A query failed or was refused; the message is ClickHouse's first line."""
+
+    hint = "queries are read-only; tables: emotion_events, dead_letters, emotion_minutes, emotion_frames"
 
 
 def direct_runner(client: Any, lock: threading.Lock | None = None, *, readonly: bool = True) -> QueryRunner:
