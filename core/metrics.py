@@ -12,11 +12,16 @@ name                                       labels                 meaning
 =========================================  =====================  ==============================================
 emofleet_build_info                        service, version       1
 emofleet_messages_in_total                 topic                  messages consumed from Kafka
-emofleet_messages_out_total                topic                  messages delivered to Kafka (events, dead letters)
+emofleet_messages_out_total                topic                  messages delivered to Kafka (events, dead letters;
+                                                                  the aggregator's observations and heartbeats,
+                                                                  aggregates, alerts)
 emofleet_dead_letters_total                reason, stage          dead letters written, by machine reason and stage
-emofleet_errors_total                      kind                   consumer / commit / delivery / model / worker errors
+emofleet_errors_total                      kind                   consumer / commit / delivery / model / worker errors;
+                                                                  results the aggregator skipped as undecodable
+                                                                  (``malformed``, ``unknown_schema``)
 emofleet_stage_seconds (histogram)         stage                  fetch, decode (per clip), cache (per batch), model
-                                                                  (per forward), produce (per clip), insert (per table)
+                                                                  (per forward), produce (per clip), insert (per table),
+                                                                  flush (aggregator producer flushes)
 emofleet_end_to_end_seconds (histogram)                           reference produced_at -> result emitted
 emofleet_batch_clips (histogram)                                  clips per gathered micro-batch
 emofleet_batch_audio_seconds (histogram)                          audio seconds per gathered micro-batch
@@ -46,6 +51,10 @@ emofleet_sink_batch_rows (histogram)                              rows per flush
 emofleet_sink_skipped_replays_total        by                     messages ClickHouse already had: by
                                                                   ``position`` (re-read after a crash) or
                                                                   ``id`` (a processor's replay)
+emofleet_aggregator_observations_total     outcome                observations the aggregate step handled: ``counted``,
+                                                                  ``duplicate`` (already counted, a replay) or
+                                                                  ``late`` (behind the watermark by more than grace,
+                                                                  dropped)
 =========================================  =====================  ==============================================
 
 Plus ``process_*`` (CPU, memory, file descriptors) and ``python_info``.
@@ -67,8 +76,9 @@ The aggregator (faust) hooks in the same way::
         metrics.set_assigned(len(app.consumer.assignment()))
 
     metrics.messages_in.labels(message.topic).inc()          # in the agent, per event
-    metrics.messages_out.labels(kafka.aggregates_topic).inc() # per aggregate / alert sent
-    with metrics.time_stage("aggregate"): ...                 # any stage name
+    metrics.messages_out.labels(kafka.aggregates_topic).inc() # per observation / aggregate / alert sent
+    metrics.aggregator_observations.labels("late").inc()      # per observation handled, by outcome
+    with metrics.time_stage("flush"): ...                     # any stage name
     metrics.consumer_lag.labels(topic, str(partition)).set(consumer.highwater(tp) - committed)
 """
 
@@ -99,8 +109,8 @@ disable_created_metrics()  # no *_created series: they double the series count a
 
 TopicPartition = tuple[str, int]
 SERVICES = ("processor", "sink", "aggregator")
-STAGES = ("fetch", "decode", "cache", "model", "produce", "insert")
 SKIPPED_BY = ("position", "id")  # how the sink knew a message was stored: its Kafka position, its row id
+OBSERVATION_OUTCOMES = ("counted", "duplicate", "late")  # what the aggregate step did with an observation
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 END_TO_END_BUCKETS = (.05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -125,6 +135,7 @@ class Metrics:
         consumers = self.registry  # every service is a consumer-group member
         processor = self.registry if service == "processor" else None
         sink = self.registry if service == "sink" else None
+        aggregator = self.registry if service == "aggregator" else None
 
         Gauge("emofleet_build_info", "emofleet version of this process", ["service", "version"],
               registry=everyone).labels(service, version("emofleet")).set(1)
@@ -198,6 +209,13 @@ class Metrics:
                                             "position or stored id", ["by"], registry=sink)
         for by in SKIPPED_BY:
             self.sink_skipped_replays.labels(by)
+
+        # aggregator
+        self.aggregator_observations = Counter("emofleet_aggregator_observations_total",
+                                               "Observations the aggregate step handled, by outcome (counted, "
+                                               "duplicate, late)", ["outcome"], registry=aggregator)
+        for outcome in OBSERVATION_OUTCOMES:
+            self.aggregator_observations.labels(outcome)
 
         self._last_beat: float | None = None
         self._assigned = 0

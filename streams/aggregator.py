@@ -55,7 +55,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from emofleet.core.config import Settings, describe
+from emofleet.core.config import KafkaSettings, Settings, describe
+from emofleet.core.metrics import OBSERVATION_OUTCOMES, Metrics
 from emofleet.streams.topics import TopicSpec
 from emofleet.streams.windows import (
     AggregateConfig,
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 
 TABLE_NAME = "state"
 HEARTBEAT_SECONDS = 1.0  # how often the router reports lane progress (only when it changed)
-_LOUD_LATE_EVENTS = 100  # log this many late events one by one, then only in the stats line
+_LOUD_LATE_EVENTS = 100  # log this many late events one by one, then only count them (the metrics)
 
 
 def scope_topic(settings: Settings) -> str:
@@ -118,23 +119,18 @@ def _kind_of(key: str) -> str:
     return key.split(":", 2)[1]
 
 
-@dataclass
-class AggregatorStats:
-    routed: int = 0  # observations sent by route
-    malformed: int = 0  # results that did not decode (the sink dead-letters them)
-    observations: int = 0
-    counted: int = 0
-    duplicates: int = 0
-    late: int = 0
-    windows_emitted: int = 0
-    alerts_sent: int = 0
-    flushes: int = 0  # producer flushes the aggregate step waited for (before deleting emitted windows etc.)
-    flush_seconds: float = 0.0
+def stats_line(metrics: Metrics, kafka: KafkaSettings) -> str:
+    """The periodic "aggregate stats" log line: a few of the aggregator's metrics, read from its registry."""
+    def sample(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
 
-    def line(self) -> str:
-        return " ".join(f"{name}={value:.1f}" if isinstance(value, float) else f"{name}={value}"
-                        for name, value in vars(self).items())
-
+    counts = {outcome: sample("emofleet_aggregator_observations_total", outcome=outcome)
+              for outcome in OBSERVATION_OUTCOMES}
+    counts["aggregates"] = sample("emofleet_messages_out_total", topic=kafka.aggregates_topic)
+    counts["alerts"] = sample("emofleet_messages_out_total", topic=kafka.alerts_topic)
+    counts["flushes"] = sample("emofleet_stage_seconds_count", stage="flush")
+    flush_seconds = sample("emofleet_stage_seconds_sum", stage="flush")
+    return " ".join(f"{name}={count:.0f}" for name, count in counts.items()) + f" flush_seconds={flush_seconds:.1f}"
 
 
 @dataclass
@@ -177,11 +173,13 @@ class ScopeAggregator:
     order, and :meth:`forget` after a rebalance. See the module docstring for the order of writes.
     """
 
-    def __init__(self, store: MutableMapping[str, Any], config: AggregateConfig, outputs: Outputs) -> None:
+    def __init__(self, store: MutableMapping[str, Any], config: AggregateConfig, outputs: Outputs,
+                 metrics: Metrics) -> None:
         self.store = store
         self.config = config
         self.outputs = outputs
-        self.stats = AggregatorStats()
+        self._observations = metrics.aggregator_observations
+        self._loud_late_left = _LOUD_LATE_EVENTS
         self._due: dict[int, _Due] = {}
 
     def forget(self) -> None:
@@ -201,17 +199,17 @@ class ScopeAggregator:
         """One observation of input partition ``partition`` (see the module docstring for the write order)."""
         store, config = self.store, self.config
         due = self._index(partition)
-        self.stats.observations += 1
         progress = self.progress(partition)
         watermark = progress.watermark
         seen_key = _seen_key(partition, obs)
         if seen_key in store:
-            self.stats.duplicates += 1
+            self._observations.labels("duplicate").inc()
         elif is_late(obs.t, watermark, config.grace_ms):
-            self.stats.late += 1
-            (log.info if self.stats.late <= _LOUD_LATE_EVENTS else log.debug)(
+            self._observations.labels("late").inc()
+            (log.info if self._loud_late_left > 0 else log.debug)(
                 "late event %s of %s at %d dropped (watermark %d, grace %d ms)", obs.event_id, obs.scope.key,
                 obs.t, watermark, config.grace_ms)
+            self._loud_late_left = max(self._loud_late_left - 1, 0)
         else:
             key = _scope_key(partition, obs)
             current = store.get(key)
@@ -226,13 +224,12 @@ class ScopeAggregator:
                     log.info("alert %s: %s", alert["alert_id"], alert["message"])
                 await self.outputs.flush()  # the alerts are durable before the flags saying they were sent
                 state = state.with_alerted(breaches)
-                self.stats.alerts_sent += len(breaches)
             if current is None or state.to_dict() != current:
                 store[key] = state.to_dict()
             self._schedule(due, key, state)
             store[seen_key] = {"t": obs.t}  # after the scope's write: its presence means that one is durable
             due.schedule(seen_key, obs.t + config.grace_ms + config.retention_ms)
-            self.stats.counted += 1
+            self._observations.labels("counted").inc()
         progress = self._advance(partition, progress, progress.observe(obs.lane, obs.t))
         if progress.watermark is not None:
             await self._run_due(partition, progress.watermark, due)
@@ -293,8 +290,6 @@ class ScopeAggregator:
                 await self.outputs.send_alert(alert["alert_id"], alert)
                 log.info("alert %s: %s", alert["alert_id"], alert["message"])
             await self.outputs.flush()  # outputs durable before the state that says they were sent
-            self.stats.windows_emitted += len(closing)
-            self.stats.alerts_sent += len(streaks)
         for key, new in updates:
             if new.due(config.grace_ms, config.retention_ms) is None:
                 del store[key]
@@ -424,7 +419,7 @@ def _recover_to_the_log_end(app: Any, client_config: dict[str, Any]) -> None:
     recovery._build_highwaters = _build_highwaters
 
 
-def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None) -> Any:
+def build_app(settings: Settings, lanes: int | None = None, metrics: Metrics | None = None) -> Any:
     """The faust app for these settings (nothing global): topics, the state table, both agents.
 
     ``lanes`` is the partition count of the results topic (default ``settings.kafka.partitions``);
@@ -434,7 +429,6 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
 
     from emofleet.schemas.codec import SchemaError, make_codec
     from emofleet.streams.aiokafka_config import aiokafka_options, broker_credentials
-    from emofleet.core.metrics import Metrics
 
     metrics = metrics or Metrics("aggregator")
 
@@ -487,14 +481,15 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
         metrics.messages_out.labels(kafka.alerts_topic).inc()
 
     async def flush() -> None:
-        started = time.perf_counter()
-        await app.producer.flush()
-        stats.flushes += 1
-        stats.flush_seconds += time.perf_counter() - started
+        with metrics.time_stage("flush"):
+            await app.producer.flush()
+
+    async def send_scope(key: bytes | None, value: dict[str, Any], partition: int | None = None) -> None:
+        await scopes.send(key=key, value=value, partition=partition)
+        metrics.messages_out.labels(scope_topic(settings)).inc()
 
     _recover_to_the_log_end(app, kafka.client_config())
-    aggregator = ScopeAggregator(table, config, Outputs(send_aggregate, send_alert, flush))
-    stats = aggregator.stats
+    aggregator = ScopeAggregator(table, config, Outputs(send_aggregate, send_alert, flush), metrics)
 
     tracker = LaneTracker()
 
@@ -506,14 +501,13 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
             try:
                 record = codec.decode("emotion_event", event.value, topic=kafka.results_topic)
             except SchemaError as error:
-                stats.malformed += 1
+                metrics.errors.labels(error.reason).inc()
                 log.warning("skipping undecodable result at %s[%d]@%d: %s", message.topic, message.partition,
                             message.offset, error)
                 tracker.saw(message.partition, message.offset, None)
                 continue
             for obs in observations(record, lane=message.partition):
-                await scopes.send(key=obs.scope.key.encode(), value=obs.to_dict())
-                stats.routed += 1
+                await send_scope(obs.scope.key.encode(), obs.to_dict())
             tracker.saw(message.partition, message.offset, int(record["reference_produced_at"]))
 
     @app.timer(interval=HEARTBEAT_SECONDS)
@@ -535,7 +529,7 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
                 continue
             value = {"heartbeat": {"lane": tp.partition, "t": report[0], "idle": report[1]}}
             for partition in range(kafka.partitions):
-                await scopes.send(key=None, value=value, partition=partition)
+                await send_scope(None, value, partition)
 
     @app.agent(scopes, name="aggregate")
     async def aggregate(stream: Any) -> None:
@@ -567,7 +561,7 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
             state = tracker.busy(tp.partition)
             value = {"heartbeat": {"lane": tp.partition, "t": state[0], "idle": False}}
             for partition in range(kafka.partitions):
-                await scopes.send(key=None, value=value, partition=partition)
+                await send_scope(None, value, partition)
 
     @app.timer(interval=1.0)
     async def observe() -> None:
@@ -580,11 +574,11 @@ def build_app(settings: Settings, lanes: int | None = None, metrics: Any = None)
 
     @app.timer(interval=10.0)
     async def report() -> None:
-        log.info("aggregate stats: %s", stats.line())
+        log.info("aggregate stats: %s", stats_line(metrics, kafka))
 
     @app.on_before_shutdown.connect
     async def final_report(*_args: Any, **_kwargs: Any) -> None:
-        log.info("aggregate stats: %s", stats.line())
+        log.info("aggregate stats: %s", stats_line(metrics, kafka))
 
     return app
 
@@ -612,7 +606,7 @@ def run_aggregator(settings: Settings) -> int:
     if topics[scope_topic(settings)] != topics[changelog_topic(settings)]:
         raise RuntimeError(f"{scope_topic(settings)} and {changelog_topic(settings)} must have the same partition "
                            f"count (they have {topics[scope_topic(settings)]} and {topics[changelog_topic(settings)]})")
-    from emofleet.core.metrics import Metrics, aggregator_health, serve
+    from emofleet.core.metrics import aggregator_health, serve
 
     metrics = Metrics("aggregator")
     server = serve(settings.observability, metrics,  # None when metrics_port is 0

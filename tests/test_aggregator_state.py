@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from emofleet.core.metrics import OBSERVATION_OUTCOMES, Metrics
 from emofleet.schemas.emotions import EMOTIONS, NEGATIVE_LABELS
 from emofleet.streams.aggregator import LaneTracker, Outputs, ScopeAggregator
 from emofleet.streams.windows import (
@@ -22,6 +23,8 @@ from emofleet.streams.windows import (
     Scope,
     window_specs,
 )
+
+from metrics_helpers import metric
 
 S = 1000
 T0 = 1_764_000_000_000 - 1_764_000_000_000 % (300 * S)
@@ -166,7 +169,8 @@ def model(messages: list[Message], lanes_: int = 1) -> dict[str, dict[str, Any]]
 def test_emitted_windows_match_an_independent_model(seed: int) -> None:
     messages = [m for m in stream(seed, lanes=1) if m[0] == "obs"]
     recorder = Recorder()
-    aggregator = ScopeAggregator(recorder.store, config(lanes=1), recorder.outputs())
+    metrics = Metrics("aggregator")
+    aggregator = ScopeAggregator(recorder.store, config(lanes=1), recorder.outputs(), metrics)
     asyncio.run(feed(aggregator, messages))
     emitted = outputs_of(recorder.log)["aggregate"]
     assert all(len(copies) == 1 for copies in emitted.values()), "a window was emitted twice"
@@ -182,7 +186,9 @@ def test_emitted_windows_match_an_independent_model(seed: int) -> None:
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == value, key  # confidences are multiples of 1/8: sums are exact
-    assert aggregator.stats.late > 0 and aggregator.stats.duplicates > 0
+    outcomes = {o: metric(metrics, "emofleet_aggregator_observations_total", outcome=o) for o in OBSERVATION_OUTCOMES}
+    assert outcomes["late"] > 0 and outcomes["duplicate"] > 0, outcomes
+    assert sum(outcomes.values()) == len(messages), "every observation has exactly one outcome"
     # Emitted windows are deleted from the state: only the closers' windows are left.
     assert {json.loads(v["scope"])[2] for k, v in recorder.store.items() if ":w:" in k} <= {"closer-0", "closer-1"}
 
@@ -209,7 +215,7 @@ def replay_after_crash(messages: list[Message], cfg: AggregateConfig, log: list[
                 for index in rest]
     resume = (max(complete) if complete else 0) if committed == "latest" else 0
     recorder = Recorder()
-    restarted = ScopeAggregator(store, cfg, recorder.outputs())
+    restarted = ScopeAggregator(store, cfg, recorder.outputs(), Metrics("aggregator"))
     asyncio.run(feed(restarted, messages[resume:]))
     return sure, maybe, [e for e in recorder.log if e[0] in ("aggregate", "alert")]
 
@@ -219,7 +225,7 @@ def test_kill_at_any_write_then_replay_counts_nothing_twice(seed: int) -> None:
     messages = stream(seed, lanes=2)
     cfg = config(lanes=2)
     reference = Recorder()
-    aggregator = ScopeAggregator(reference.store, cfg, reference.outputs())
+    aggregator = ScopeAggregator(reference.store, cfg, reference.outputs(), Metrics("aggregator"))
     asyncio.run(feed(aggregator, messages, reference.log))
     truth = outputs_of(reference.log)
     assert truth["aggregate"] and truth["alert"], "the stream should emit windows and alerts"

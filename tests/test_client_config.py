@@ -37,6 +37,8 @@ from emofleet.streams.consumer import consumer_config
 from emofleet.core.logs import RedactingFormatter, secret_values
 from emofleet.streams.topics import TopicSpec, ensure_topics
 
+from waiting import wait_for
+
 SECRET = "hunter2-Zq9x-never-log-me"
 
 
@@ -255,16 +257,6 @@ def test_aggregator_logs_are_json_lines_without_secrets(settings: Settings) -> N
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Retry ``condition`` (which itself blocks on the broker) until truthy, bounded by a deadline."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-    return result
 
 
 def _lines_of(process: subprocess.Popen) -> queue.Queue[str | None]:

@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from emofleet.core.metrics import (GpuCollector, Health, Metrics, MetricsServer,
 
 from kafka_helpers import read_topic
 from pipeline_helpers import FlakyClient, create_topics, enqueue_uris, outcomes, running_processor, sample_uris
+from waiting import wait_for
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -57,17 +57,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Poll until ``condition()`` is truthy (bounded by a deadline); returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result or time.monotonic() > deadline:
-            assert result, f"timed out waiting for {what}"
-            return result
-        time.sleep(0.05)  # polling an HTTP endpoint for a state change, bounded by the deadline
 
 
 def health_of(processor: Any, settings: Settings) -> Health:

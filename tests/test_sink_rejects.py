@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -18,17 +16,10 @@ from emofleet.core.config import Settings
 from metrics_helpers import metric
 from pipeline_helpers import Crash, crash_once
 from sink_samples import sample_dead_letter, sample_events
+from waiting import wait_for
 from test_sink import chdb, make_events, running_sink, sink_settings  # noqa: F401 - fixtures
 
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T], timeout: float = 60) -> T:
-    """``probe()`` once it is truthy; its last value when ``timeout`` runs out."""
-    deadline = time.monotonic() + timeout
-    while not (value := probe()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the sink's progress, bounded
-    return value
+WAIT_SECONDS = 60.0  # for the sink to insert and commit, generous for a loaded test machine
 
 
 def inserted(sink: ClickHouseSink, table: str) -> float:
@@ -68,6 +59,12 @@ def ends(positions: list[tuple[int, int]]) -> dict[int, int]:
     return result
 
 
+def wait_committed(settings: Settings, topic: str, positions: list[tuple[int, int]]) -> None:
+    """Until the sink group's commits on ``topic`` are just past ``positions``."""
+    wait_for(lambda: committed(settings, topic) == ends(positions),
+             lambda: f"commits at {ends(positions)}, have {committed(settings, topic)}", timeout=WAIT_SECONDS)
+
+
 def query(client: Any, sql: str) -> list[dict[str, Any]]:
     result = client.query(sql, query_formats={"String": "bytes"})
     return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
@@ -82,12 +79,14 @@ def test_a_row_clickhouse_rejects_becomes_a_dead_letter_and_the_rest_goes_on(sin
     bad_partition, bad_offset = positions[9]
 
     with running_sink(sink_settings, chdb) as sink:
-        assert wait_for(lambda: inserted(sink, "emotion_events") >= 39 and inserted(sink, "dead_letters") >= 1), \
-            (inserted(sink, "emotion_events"), inserted(sink, "dead_letters"))
+        wait_for(lambda: inserted(sink, "emotion_events") >= 39 and inserted(sink, "dead_letters") >= 1,
+                 lambda: f"39 events and 1 dead letter, have {inserted(sink, 'emotion_events')} and "
+                         f"{inserted(sink, 'dead_letters')}", timeout=WAIT_SECONDS)
         later = make_events(1, start=40)
         positions += produce(sink_settings, "emotion_event", topic, later, [(bad_partition + 1) % 4])
-        assert wait_for(lambda: inserted(sink, "emotion_events") >= 40), inserted(sink, "emotion_events")
-        assert wait_for(lambda: committed(sink_settings, topic) == ends(positions)), committed(sink_settings, topic)
+        wait_for(lambda: inserted(sink, "emotion_events") >= 40,
+                 lambda: f"40 events, have {inserted(sink, 'emotion_events')}", timeout=WAIT_SECONDS)
+        wait_committed(sink_settings, topic, positions)
 
     assert sink.errors == []  # type: ignore[attr-defined]
     (row,) = query(chdb, f"SELECT count() AS rows, uniqExact(event_id) AS ids, "
@@ -113,7 +112,7 @@ def test_a_rejected_dead_letter_is_logged_and_counted_not_sent_round_again(sink_
     positions = produce(sink_settings, "dead_letter", topic, letters, [0, 0, 0])
 
     with running_sink(sink_settings, chdb) as sink:
-        assert wait_for(lambda: committed(sink_settings, topic) == ends(positions)), committed(sink_settings, topic)
+        wait_committed(sink_settings, topic, positions)
 
     assert sink.errors == []  # type: ignore[attr-defined]
     assert [r["source_offset"] for r in query(chdb, f"SELECT source_offset FROM {database}.dead_letters "
@@ -148,11 +147,12 @@ def test_frame_rows_reach_emotion_frames_bounded_and_once_across_a_crash(sink_se
     positions = produce(settings, "emotion_event", topic, events, [i % 4 for i in range(len(events))])
 
     with running_sink(settings, chdb, before_commit=crash_once()) as crashed:
-        assert wait_for(lambda: inserted(crashed, "emotion_frames") > 0), "frames were in the batch that crashed"
+        wait_for(lambda: inserted(crashed, "emotion_frames") > 0, "frames in the batch that crashed",
+                 timeout=WAIT_SECONDS)
     assert isinstance(crashed.errors[0], Crash)  # type: ignore[attr-defined]
 
     with running_sink(settings, chdb) as restarted:
-        assert wait_for(lambda: committed(settings, topic) == ends(positions)), committed(settings, topic)
+        wait_committed(settings, topic, positions)
 
     assert restarted.errors == []  # type: ignore[attr-defined]
     frames = query(chdb, f"SELECT event_id, tenant, frame_index, score_neutral FROM {database}.emotion_frames "
