@@ -9,7 +9,6 @@ an unfinished message; work a replaced strategy could not finish is read again.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from emofleet.core.metrics import Metrics
 from emofleet.streams.consumer import ConsumerLoop, LoopLimits, MessageRejected, Reporter, consumer_config
 
 from metrics_helpers import metric
+from waiting import wait_for
 
 TP = tuple[str, int]
 PARTITIONS = 4
@@ -104,14 +104,6 @@ def committed(settings: Settings, topic: str, group: str) -> dict[int, int]:
         consumer.close()
 
 
-def eventually(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
 @contextmanager
 def running(settings: Settings, topic: str, factory: Any, *, max_in_flight: int = 1_000,
             group: str | None = None) -> Iterator[ConsumerLoop]:
@@ -141,7 +133,7 @@ def test_every_message_once_in_order_and_commits_reach_the_end(settings: Setting
     topic, counts = make_topic(settings, 400)
     strategies = Recording()
     with running(settings, topic, strategies) as loop:
-        eventually(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
+        wait_for(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
         assert loop.in_flight() == 0
     for p in range(PARTITIONS):
         assert strategies.offsets((topic, p)) == list(range(counts[p])), "each offset once, in order"
@@ -157,7 +149,7 @@ def test_a_rejected_message_pauses_and_is_offered_again_without_loss_or_reorderi
 
     strategies = Recording(reject=reject)
     with running(settings, topic, strategies) as loop:
-        eventually(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
+        wait_for(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
         pauses = metric(loop.metrics, "emofleet_backpressure_pauses_total")
     assert strategies.rejected == 5 and pauses >= 1
     for p in range(PARTITIONS):
@@ -169,9 +161,9 @@ def test_the_in_flight_bound_holds_and_commits_never_pass_open_work(settings: Se
     kept_open = {(0, 10)}  # (partition, offset) never finished by the first strategy
     strategies = Recording(hold=lambda m: (m.partition(), m.offset()) in kept_open)
     with running(settings, topic, strategies, max_in_flight=4) as loop:
-        eventually(lambda: all(len(strategies.offsets((topic, p))) >= counts[p] for p in range(1, PARTITIONS))
+        wait_for(lambda: all(len(strategies.offsets((topic, p))) >= counts[p] for p in range(1, PARTITIONS))
                    and len(strategies.offsets((topic, 0))) >= 11, "everything offered")
-        eventually(lambda: committed(settings, topic, settings.kafka.processor_group).get(1) == counts[1],
+        wait_for(lambda: committed(settings, topic, settings.kafka.processor_group).get(1) == counts[1],
                    "partition 1 committed")
         assert committed(settings, topic, settings.kafka.processor_group).get(0, 0) <= 10
         assert metric(loop.metrics, "emofleet_in_flight_messages_peak") <= 4
@@ -184,12 +176,12 @@ def test_a_new_member_replaces_the_strategy_and_unfinished_work_is_read_again(se
     first_strategy_holds = Recording(hold=lambda m: m.offset() == counts[m.partition()] - 1)
     second = Recording()
     with running(settings, topic, first_strategy_holds) as first:
-        eventually(lambda: len(first_strategy_holds.submitted) == sum(counts.values()), "all offered to the first")
+        wait_for(lambda: len(first_strategy_holds.submitted) == sum(counts.values()), "all offered to the first")
         first_strategy_holds.hold = lambda _: False  # strategies made from now on finish everything
         with running(settings, topic, second) as other:
-            eventually(lambda: other.assigned and first.assigned and len(first_strategy_holds.created) >= 2,
+            wait_for(lambda: other.assigned and first.assigned and len(first_strategy_holds.created) >= 2,
                        "the group rebalanced")
-            eventually(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
+            wait_for(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
     again = [(tp, offset) for number, tp, offset in first_strategy_holds.submitted if number > 1]
     again += [(tp, offset) for _, tp, offset in second.submitted]
     last = {(topic, p): counts[p] - 1 for p in range(PARTITIONS)}
