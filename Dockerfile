@@ -32,7 +32,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/emofleet /opt/emofleet
 RUN useradd --system --create-home --uid 10001 emofleet \
-    && mkdir -p /data && chown emofleet /data
+    && mkdir -p /data /uploads && chown emofleet /data /uploads  # /uploads: the gateway's (docker-compose.yml)
 USER emofleet
 ENV PATH=/opt/emofleet/bin:$PATH \
     PYTHONUNBUFFERED=1 \

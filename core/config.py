@@ -155,7 +155,7 @@ class ModelSettings:
     threads: int = 0
     granularity: str = "utterance"
     embeddings: bool = False
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU) | int8 (CPU) | auto: bf16 where native (GPU, AVX512-BF16/AMX CPU)
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,29 @@ class AggregateSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """`emofleet serve` (gateway/): the HTTP front door, its keys, limits and waits."""
+
+    host: str = "127.0.0.1"  # containers use 0.0.0.0
+    port: int = 8000
+    # API keys: "tenant:key" pairs, comma-separated, and/or a file of such lines (# comments); never logged.
+    api_keys: Secret = Secret("")
+    api_keys_file: str = ""
+    rate_per_second: float = 10.0  # per API key, shared by every replica (Redis token bucket) ...
+    rate_burst: int = 20  # ... with this burst
+    max_body_bytes: int = 100 * 1024 * 1024  # request bodies (and the audio in them); also capped by audio.max_bytes
+    uri_schemes: tuple[str, ...] = ("http", "https")  # `uri` requests; file:// never (it would read uploads)
+    uploads: str = ""  # "" = <data dir>/uploads (must be under an audio file root) | s3://bucket/prefix
+    upload_retention_seconds: int = 24 * 3600  # local uploads are swept after this; for s3 a lifecycle rule
+    sync_wait_seconds: float = 30.0  # a synchronous request waits this long, then 504 + Location
+    async_wait_seconds: float = 600.0  # how long a replica keeps waiting for an accepted request's result
+    result_ttl_seconds: int = 24 * 3600  # answers kept in Redis for GET /v1/results/{id} (then ClickHouse)
+    max_waiting: int = 10_000  # accepted requests awaiting a result per replica; beyond it 503
+    max_lag_messages: int = 5_000  # processor group lag on the audio topic above which new work gets 503
+    retry_after_seconds: int = 5  # Retry-After of a 503
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".emofleet")
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
@@ -228,6 +251,7 @@ class Settings:
     clickhouse: ClickHouseSettings = field(default_factory=ClickHouseSettings)
     aggregate: AggregateSettings = field(default_factory=AggregateSettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     @property
     def clickhouse_dsn(self) -> str:

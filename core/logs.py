@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from emofleet.core.config import ConfigError, Secret, url_password
 
 LOG_FORMATS = ("text", "json")
-CONTEXT_FIELDS = ("topic", "partition", "offset", "audio_id")
+CONTEXT_FIELDS = ("topic", "partition", "offset", "audio_id", "request_id")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 _context: ContextVar[dict[str, Any] | None] = ContextVar("emofleet_log_context", default=None)

@@ -192,7 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from emofleet.streams.references import references_from_paths
     from emofleet.streams.topics import ensure_topics, pipeline_topics
     from emofleet.up import (CrashLoopError, ResultsTap, RunTracker, StalledError, Supervisor, child_env,
-                             follow_run, pipeline_commands, run_key)
+                             follow_run, gateway_url, pipeline_commands, run_key, with_gateway)
 
     with contextlib.ExitStack() as stack:
         base = load_settings(args)
@@ -205,12 +205,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             root = (settings.data_dir / "samples").resolve()
             paths = [str(p) for p in write_samples(root, args.samples)]
         settings = cfg.with_overrides(settings, audio__file_roots=[*settings.audio.file_roots, root])
+        settings, key_file = with_gateway(settings)
         logs = settings.data_dir / "logs"
-        supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port),
-                                child_env(settings), logs)
+        supervisor = Supervisor(pipeline_commands(args.processors, settings.observability.metrics_port,
+                                                  gateway=True), child_env(settings), logs)
         supervisor.start()
         stack.callback(supervisor.stop)
         started = time.monotonic()
+        url = gateway_url(settings)
+        keys = f"API key in {key_file}" if key_file else "API keys as configured (EMOFLEET_GATEWAY_API_KEYS*)"
+        print(f"gateway {url} (page {url}/, docs {url}/docs; {keys})")
         tap = ResultsTap(settings, make_codec(settings.kafka.schema_registry_url,  # before anything is sent
                                               settings.kafka.registry_config))
         stack.callback(tap.close)
@@ -219,8 +223,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         undelivered = {audio_id for audio_id, _ in report.failed}
         tracker = RunTracker({run_key(item) for item in items if isinstance(item, dict)
                               and item["audio_id"] not in undelivered}, started_ms=int(time.time() * 1000))
-        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink "
-              f"and the aggregator running, logs in {logs}")
+        print(f"enqueued {report.sent} references ({failed} failed); {args.processors} processor(s), the sink, "
+              f"the aggregator and the gateway running, logs in {logs}")
         try:
             with _progress(len(tracker.expected), "in ClickHouse", unit="ref", always=True) as bar:
                 follow_run(tracker, tap, _stored_rows_runner(settings, stack), settings.clickhouse.database,
@@ -234,6 +238,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         _print_report(run, settings, plot=None)
         if args.keep_running:
             print("pipeline keeps running (Ctrl-C stops it); try `emofleet report` in another terminal")
+            key = f"$(tail -n1 {key_file} | cut -d: -f2-)" if key_file else "<your key>"
+            print(f"analyze a clip over HTTP: curl -H \"Authorization: Bearer {key}\" -H 'Content-Type: audio/wav' "
+                  f"--data-binary @clip.wav {url}/v1/analyze   (or open {url}/ in a browser)")
             while True:
                 supervisor.check()
                 time.sleep(1)
@@ -292,6 +299,14 @@ def cmd_sink(args: argparse.Namespace) -> int:
     from emofleet.sinks.service import run_sink
 
     return run_sink(settings)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    _configure_logging(args.log_level, settings)
+    from emofleet.gateway.server import run_gateway
+
+    return run_gateway(settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -402,6 +417,40 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from emofleet import results_cmd
+
+    return results_cmd.run(args, load_settings(args), _query_runner, _progress)
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from emofleet import dead_letters_cmd
+
+    return dead_letters_cmd.run(args, load_settings(args), _query_runner, _progress)
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    """The Avro contracts shipped in the package: names, one schema's .avsc, or the single-object fingerprints."""
+    from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+    from emofleet.schemas.codec import SCHEMA_DIR, SCHEMA_NAMES, load_schema, schema_versions
+
+    if args.name is not None and args.name not in SCHEMA_NAMES:
+        raise UserFacingError(f"no schema named {args.name!r}", f"one of: {', '.join(SCHEMA_NAMES)}")
+    names = [args.name] if args.name else list(SCHEMA_NAMES)
+    if args.fingerprint:
+        for name in names:
+            for version, path in schema_versions(name).items():
+                crc = fingerprint(to_parsing_canonical_form(load_schema(name, version)), "CRC-64-AVRO")
+                print(f"{name}  v{version}  c301{crc}  {path.relative_to(SCHEMA_DIR)}")
+    elif args.name:
+        print(schema_versions(args.name)[max(schema_versions(args.name))].read_text(encoding="utf-8"), end="")
+    else:
+        for name in names:
+            print(f"{name}  {load_schema(name)['name']}  versions {len(schema_versions(name))}")
+    return 0
+
+
 # ---------------------------------------------------------------- plumbing
 
 
@@ -485,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--samples", type=int, default=50, help="number of generated sample clips (default 50)")
     up.add_argument("--processors", type=int, default=2, help="processor processes to run (default 2)")
     up.add_argument("--model", dest="model__model",
-                    help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
+                    help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large) | "
+                         "simulated:<audio-s/s>[,<ms per forward>] (benchmarks only, README)")
     up.add_argument("--timeout", type=float, default=3600.0, help="give up waiting after this many seconds")
     up.add_argument("--stall-timeout", type=float, default=300.0,
                     help="fail when no reference got a result or was stored for this many seconds (default 300; "
@@ -504,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     process = command("process", cmd_process,
                       "run one member of the processor group: audio references in, emotion events out")
     process.add_argument("--model", dest="model__model",
-                         help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large)")
+                         help="tiny | a local model dir | a hub id (default iic/emotion2vec_plus_large) | "
+                         "simulated:<audio-s/s>[,<ms per forward>] (benchmarks only, README)")
     process.add_argument("--device", dest="model__device", help="auto | cpu | cuda[:N] (default auto)")
     process.add_argument("--file-root", dest="audio__file_roots", action="append", type=Path,
                          help="directory file:// references may read from; repeatable")
@@ -519,6 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chdb:///path or http(s)://host:port (default: chDB under the data dir)")
     sink.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     _add_observability(sink, "serve /metrics /healthz /readyz on this port (default 0: off; containers use 9400)")
+
+    serve = command("serve", cmd_serve, "the HTTP front door: POST /v1/analyze a clip and get its emotions, over the "
+                                        "same Kafka pipeline (API keys, rate limits, OpenAPI docs at /docs)")
+    serve.add_argument("--host", dest="gateway__host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", dest="gateway__port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", dest="observability__log_format", choices=("text", "json"),
+                       help="text (default) or json lines")
 
     aggregate = command("aggregate", cmd_aggregate, "windowed emotion aggregates per source / channel / call and "
                                                     "alerts (faust-streaming app over the results topic)")
@@ -547,6 +606,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--dsn", dest="clickhouse__dsn", help="ClickHouse DSN (default: chDB under the data dir)")
 
     command("config", cmd_config, "print the effective settings (secrets masked)")
+
+    from emofleet import dead_letters_cmd, results_cmd
+
+    results = command("results", cmd_results, "print emotion results: a range or --follow of the results topic, or one "
+                                              "reference / call from ClickHouse, filtered; table or JSON lines")
+    results_cmd.add_arguments(results)
+    dead_letters = command("dead-letters", cmd_dead_letters, "list, summarise and show dead letters (from ClickHouse); "
+                                                             "replay a selection onto the audio topic")
+    dead_letters_cmd.add_arguments(dead_letters)
+    schemas = command("schemas", cmd_schemas, "the Avro schemas of the topics: names, one .avsc, or --fingerprint "
+                                              "(the single-object header of every version)")
+    schemas.add_argument("name", nargs="?", help="print this schema's current .avsc (emotion_event, dead_letter, ...)")
+    schemas.add_argument("--fingerprint", action="store_true",
+                         help="print each version's header bytes (C3 01 + CRC-64-AVRO fingerprint, hex) and file")
     return parser
 
 

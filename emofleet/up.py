@@ -136,9 +136,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     return dict(os.environ) | to_env(settings)
 
 
-def pipeline_commands(processors: int, metrics_port: int = 0) -> dict[str, list[str]]:
+def pipeline_commands(processors: int, metrics_port: int = 0, *, gateway: bool = False) -> dict[str, list[str]]:
     """Child command lines; with ``metrics_port`` each child gets its own port: processors ``metrics_port + i``,
-    the sink ``metrics_port + processors``, the aggregator the next one (0: no metrics endpoints)."""
+    the sink ``metrics_port + processors``, the aggregator the next one (0: no metrics endpoints). The gateway
+    (``emofleet serve``) serves its metrics on its own HTTP port."""
     cli = [sys.executable, "-m", "emofleet.cli"]
 
     def port(index: int) -> list[str]:
@@ -146,7 +147,39 @@ def pipeline_commands(processors: int, metrics_port: int = 0) -> dict[str, list[
 
     return ({f"processor-{i}": [*cli, "process", *port(i)] for i in range(processors)}
             | {"sink": [*cli, "sink", *port(processors)]}
-            | {"aggregator": [*cli, "aggregate", *port(processors + 1)]})
+            | {"aggregator": [*cli, "aggregate", *port(processors + 1)]}
+            | ({"gateway": [*cli, "serve"]} if gateway else {}))
+
+
+GATEWAY_KEY_FILE = "gateway-api-keys"  # under the data directory; `up` creates it on its first run
+GATEWAY_TENANT = "demo"
+
+
+def with_gateway(settings: Settings) -> tuple[Settings, Path | None]:
+    """`up`'s gateway settings: an API key file of its own (created once, mode 0600) unless keys are configured,
+    the uploads directory among the processors' file roots, and a free port when the configured one is taken.
+    Returns the settings and the key file it uses (None: keys configured by the user)."""
+    from dataclasses import replace
+
+    from emofleet.gateway.auth import ensure_key_file
+    from emofleet.gateway.uploads import upload_directory
+    from emofleet.infra.local_stack import free_port, port_open
+
+    gateway, audio, key_file = settings.gateway, settings.audio, None
+    if not str(gateway.api_keys) and not gateway.api_keys_file:
+        key_file = (settings.data_dir / GATEWAY_KEY_FILE).resolve()
+        ensure_key_file(key_file, GATEWAY_TENANT)
+        gateway = replace(gateway, api_keys_file=str(key_file))
+    if port_open(gateway.host, gateway.port):
+        gateway = replace(gateway, port=free_port(gateway.host))
+    if not gateway.uploads.startswith("s3://"):
+        audio = replace(audio, file_roots=(*audio.file_roots, upload_directory(settings)))
+    return replace(settings, gateway=gateway, audio=audio), key_file
+
+
+def gateway_url(settings: Settings) -> str:
+    host = settings.gateway.host
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{settings.gateway.port}"
 
 
 # ------------------------------------------------------------------------------------ the run's bookkeeping

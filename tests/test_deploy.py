@@ -104,7 +104,7 @@ def test_compose_file_validates_and_builds_the_emofleet_image(tmp_path: Path) ->
     assert checked.returncode == 0, checked.stderr
     resolved = yaml.safe_load(compose("config", env_file=".env.example").stdout)["services"]
     ours = {name: s for name, s in resolved.items() if s["image"] == "emofleet:latest"}
-    assert {"topics", "sink", "aggregator", "processor-0"} <= set(ours)
+    assert {"topics", "sink", "aggregator", "processor-0", "gateway"} <= set(ours)
     assert all(Path(s["build"]["context"]) == ROOT for s in ours.values()), "`up --build` builds, never pulls"
 
     (tmp_path / "empty.env").write_text("")

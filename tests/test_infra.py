@@ -101,7 +101,7 @@ def test_scrape_configs_point_at_every_emofleet_process() -> None:
         if job.startswith("emofleet-"):
             assert all(t.endswith(":9400") for t in targets), job
             command = {"emofleet-processor": "process", "emofleet-sink": "sink",
-                       "emofleet-aggregator": "aggregate"}[job]
+                       "emofleet-aggregator": "aggregate", "emofleet-gateway": "serve"}[job]
             assert all(compose[t.split(":")[0]]["command"][0] == command for t in targets), job
     k8s = yaml.safe_load((PROMETHEUS / "prometheus-k8s.yml").read_text())
     relabels = k8s["scrape_configs"][0]["relabel_configs"]
@@ -225,6 +225,17 @@ def test_compose_stack_is_complete_and_wired() -> None:
     assert "${CLICKHOUSE_PASSWORD:?" in sink["EMOFLEET_CLICKHOUSE_PASSWORD"], "no password in the file"
     assert services["sink"]["depends_on"]["clickhouse"]["condition"] == "service_healthy"
     assert {"29092:29092"} <= set(services["kafka"]["ports"])
+
+    gateway = services["gateway"]  # API and metrics on one port; uploads on a volume the processors read
+    assert gateway["command"] == ["serve"] and gateway["environment"]["EMOFLEET_GATEWAY_PORT"] == "9400"
+    assert gateway["environment"]["EMOFLEET_GATEWAY_HOST"] == "0.0.0.0" and "8000:9400" in gateway["ports"]
+    assert "${GATEWAY_API_KEYS:?" in gateway["environment"]["EMOFLEET_GATEWAY_API_KEYS"], "no key in the file"
+    uploads = gateway["environment"]["EMOFLEET_GATEWAY_UPLOADS"]
+    assert f"uploads:{uploads}" in gateway["volumes"] and uploads in gateway["environment"]["EMOFLEET_AUDIO_FILE_ROOTS"]
+    for name in processors:
+        assert f"uploads:{uploads}:ro" in services[name]["volumes"], name
+        assert uploads in services[name]["environment"]["EMOFLEET_AUDIO_FILE_ROOTS"].split(":"), name
+    assert gateway["environment"]["EMOFLEET_CLICKHOUSE_PASSWORD"] == sink["EMOFLEET_CLICKHOUSE_PASSWORD"]
     assert "9090:9090" in services["prometheus"]["ports"] and "3000:3000" in services["grafana"]["ports"]
 
     named = {v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if not v.startswith((".", "$"))}
@@ -276,7 +287,8 @@ def test_kubernetes_manifests_are_consistent() -> None:
     partitions = int(settings["EMOFLEET_KAFKA_PARTITIONS"])
     revoke_grace = float(settings.get("EMOFLEET_BATCH_REVOKE_GRACE_SECONDS", Settings().batch.revoke_grace_seconds))
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
-    assert set(deployments) == {"emofleet-processor", "emofleet-sink", "emofleet-aggregator"}
+    assert set(deployments) == {"emofleet-processor", "emofleet-sink", "emofleet-aggregator", "emofleet-gateway"}
+    serving_port = {"emofleet-gateway": "http"}  # the gateway serves /metrics, /healthz, /readyz on its API port
 
     for name, deployment in deployments.items():
         spec = deployment["spec"]
@@ -291,10 +303,12 @@ def test_kubernetes_manifests_are_consistent() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True
         (container,) = pod["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        port = int(settings["EMOFLEET_OBSERVABILITY_METRICS_PORT"])
-        assert ports["metrics"] == int(annotations["prometheus.io/port"]) == port, name
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, name
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+        env = {v["name"]: v.get("value") for v in container.get("env", [])}
+        port_name = serving_port.get(name, "metrics")
+        port = int(env.get("EMOFLEET_GATEWAY_PORT") or settings["EMOFLEET_OBSERVABILITY_METRICS_PORT"])
+        assert ports[port_name] == int(annotations["prometheus.io/port"]) == port, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port_name}, name
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port_name}, name
         resources = container["resources"]
         assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"], name
         assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
@@ -317,9 +331,11 @@ def test_kubernetes_manifests_are_consistent() -> None:
                                         else d["metadata"]["labels"]).items()]
 
     for service in by_kind["Service"]:
-        assert len(selects(service["spec"]["selector"])) == 1, service["metadata"]["name"]
-        assert service["metadata"]["name"] in deployments
-        assert {p["targetPort"] for p in service["spec"]["ports"]} == {"metrics"}
+        name = service["metadata"]["name"]
+        assert len(selects(service["spec"]["selector"])) == 1, name
+        assert name in deployments
+        assert {p["targetPort"] for p in service["spec"]["ports"]} == {serving_port.get(name, "metrics")}
+        assert "metrics" in {p["name"] for p in service["spec"]["ports"]}, f"{name}: scraped by the ServiceMonitor"
     pdbs = by_kind["PodDisruptionBudget"]
     assert any(selects(p["spec"]["selector"]["matchLabels"]) == ["emofleet-processor"] for p in pdbs)
     assert all(len(selects(p["spec"]["selector"]["matchLabels"])) == 1 for p in pdbs)
@@ -337,6 +353,22 @@ def test_kubernetes_manifests_are_consistent() -> None:
     assert trigger["metadata"]["consumerGroup"] == settings["EMOFLEET_KAFKA_PROCESSOR_GROUP"]
     assert trigger["metadata"]["bootstrapServers"] == settings["EMOFLEET_KAFKA_BOOTSTRAP_SERVERS"]
     assert trigger["metadata"]["allowIdleConsumers"] == "false"
+
+    (autoscaler,) = by_kind["HorizontalPodAutoscaler"]  # the gateway scales on CPU
+    assert autoscaler["apiVersion"] == "autoscaling/v2"
+    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                    "name": "emofleet-gateway"}
+    assert 2 <= autoscaler["spec"]["minReplicas"] < autoscaler["spec"]["maxReplicas"]
+    (cpu,) = autoscaler["spec"]["metrics"]
+    assert cpu["resource"]["name"] == "cpu" and 0 < cpu["resource"]["target"]["averageUtilization"] < 100
+    assert "replicas" not in autoscaler["spec"] and deployments["emofleet-gateway"]["spec"]["replicas"] >= 2
+    gateway = deployments["emofleet-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["args"] == ["serve"] and gateway["resources"]["requests"]["cpu"], "the HPA needs a CPU request"
+    gateway_env = {v["name"]: v for v in gateway["env"]}
+    assert gateway_env["EMOFLEET_GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "gateway-api-keys"
+    assert gateway_env["EMOFLEET_GATEWAY_UPLOADS"]["value"].startswith("s3://")
+    assert gateway_env["EMOFLEET_GATEWAY_HOST"]["value"] == "0.0.0.0"
+    assert any(selects(p["spec"]["selector"]["matchLabels"]) == ["emofleet-gateway"] for p in pdbs)
 
     (monitor,) = by_kind["ServiceMonitor"]
     monitored = selects(monitor["spec"]["selector"]["matchLabels"], kind="Service")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,13 @@ def test_up_puts_every_clip_in_clickhouse_exactly_once(tmp_path: Path, unique: s
 
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     assert "500/500 references stored in ClickHouse" in up.stdout
+    key_file = (data_dir / "gateway-api-keys").resolve()
+    assert re.search(rf"gateway http://127\.0\.0\.1:\d+ \(page .*API key in {re.escape(str(key_file))}\)", up.stdout)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().splitlines()[-1].split(":", 1)[1]
+    gateway_log = (data_dir / "logs" / "gateway.log").read_text()
+    assert "Application startup complete" in gateway_log and "gateway exited" not in up.stderr
+    assert key not in gateway_log + up.stdout + up.stderr
     assert "Emotion distribution" in up.stdout
     client = connect(ClickHouseSettings(), f"chdb://{data_dir.resolve() / 'chdb'}")
     try:
