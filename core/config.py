@@ -237,6 +237,8 @@ class GatewaySettings:
     result_ttl_seconds: int = 24 * 3600  # answers kept in Redis for GET /v1/results/{id} (then ClickHouse)
     max_waiting: int = 10_000  # accepted requests awaiting a result per replica; beyond it 503
     max_lag_messages: int = 5_000  # processor group lag on the audio topic above which new work gets 503
+    max_queue_seconds: float = 10.0  # ... or when a new reference would wait longer than this (lag / drain rate)
+    max_connections: int = 512  # open requests per replica; uvicorn answers 503 beyond it before any work
     retry_after_seconds: int = 5  # Retry-After of a 503
 
 

@@ -108,7 +108,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: they double the series count and nothing here reads them
 
 TopicPartition = tuple[str, int]
-SERVICES = ("processor", "sink", "aggregator")
+SERVICES = ("processor", "sink", "aggregator", "reader")  # reader: a downstream ResultStream (streams/results.py)
 SKIPPED_BY = ("position", "id")  # how the sink knew a message was stored: its Kafka position, its row id
 OBSERVATION_OUTCOMES = ("counted", "duplicate", "late")  # what the aggregate step did with an observation
 
@@ -120,7 +120,7 @@ ROWS_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
 class Metrics:
-    """All metrics of one process (``service`` = processor, sink or aggregator), in its own registry."""
+    """All metrics of one process (``service`` = processor, sink, aggregator or reader), in its own registry."""
 
     def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
         from importlib.metadata import version

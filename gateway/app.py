@@ -300,9 +300,12 @@ async def _admit(caller: Caller, parts: Parts) -> None:
         parts.metrics.rejections.labels("rate_limited").inc()
         raise Problem(429, "rate_limited", f"over {parts.settings.gateway.rate_per_second:g} requests/s for this key",
                       headers={"Retry-After": str(int(wait))})
-    lag = parts.lag.lag
+    lag, wait = parts.lag.lag, parts.lag.expected_wait()
     if lag is not None and lag > parts.settings.gateway.max_lag_messages:
         raise _unavailable(parts, f"the pipeline is saturated ({lag} references waiting)", reason="saturated")
+    if wait is not None and wait > parts.settings.gateway.max_queue_seconds:
+        raise _unavailable(parts, f"the pipeline is saturated (about {wait:.0f} s of work waiting)",
+                           reason="saturated")
 
 
 def _unavailable(parts: Parts, detail: str, reason: str = "unavailable") -> Problem:

@@ -83,6 +83,8 @@ def run_gateway(settings: Settings) -> int:
     app = create_app(lambda: build_parts(settings))
     log.info("serving on http://%s:%d (docs at /docs)", settings.gateway.host, settings.gateway.port)
     uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_config=None, access_log=False,
+                # beyond this many open requests uvicorn answers 503 before the app runs: the cheapest shedding
+                limit_concurrency=settings.gateway.max_connections,
                 timeout_graceful_shutdown=max(5, int(settings.gateway.sync_wait_seconds) + 5))
     return 0
 
