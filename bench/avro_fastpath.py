@@ -208,7 +208,7 @@ def _sample_events(count: int) -> list[dict[str, Any]]:
     import numpy as np
 
     from emofleet.processors.events import ClipResult, Lineage, ModelIdentity, emotion_events
-    from emofleet.processors.model import Prediction
+    from emofleet.processors.prediction import Prediction
     from emofleet.streams.references import make_reference
 
     rng = np.random.default_rng(0)

@@ -79,10 +79,6 @@ class CachedAnswers:
     """Looks a content hash up under each of the fleet's identities; builds the events of a hit."""
 
     def __init__(self, settings: Settings, models: FleetModels) -> None:
-        # processors/events.py imports processors/model.py and so torch (~4 s): pay it before the replica is ready,
-        # not in the first cache hit's request
-        import emofleet.processors.events  # noqa: F401
-
         self._settings = settings
         self._models = models
         self._caches: dict[tuple[str, str], ResultCache] = {}

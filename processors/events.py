@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from emofleet.processors.model import Prediction
+from emofleet.processors.prediction import Prediction
 from emofleet.schemas.emotions import EMOTIONS
 from emofleet.streams.dead_letters import Lineage
 

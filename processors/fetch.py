@@ -139,7 +139,11 @@ class Fetcher:
                 raise AudioError("not_found", f"{where!r} is not a regular file")
             self._check_size(info.st_size, where)
             with open(fd, "rb", closefd=False) as handle:
-                data = handle.read(self._settings.max_bytes + 1)
+                # Ask for the stat'ed size + 1 (a read of max_bytes + 1 would allocate the whole cap first);
+                # a file that grew since fstat is read on up to the cap.
+                data = handle.read(info.st_size + 1)
+                if len(data) > info.st_size:
+                    data += handle.read(self._settings.max_bytes + 1 - len(data))
         except OSError as exc:
             raise _os_error(exc, where) from None
         finally:

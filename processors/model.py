@@ -37,17 +37,20 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+from emofleet.processors.prediction import Prediction
 from emofleet.processors.packed_forward import batched_features, frame_count, in_fp32_submodule, min_samples
 from emofleet.processors.tiny_model import build_tiny_model
 from emofleet.schemas.emotions import EMOTIONS, SAMPLE_RATE
 from emofleet.core.config import ModelSettings
+
+if TYPE_CHECKING:
+    from emofleet.processors.simulated_model import SimulatedModel
 
 __all__ = [
     "EmotionModel",
@@ -70,15 +73,6 @@ class ModelLoadError(UserFacingError):
     """The model cannot be loaded; the message is one line that says what to do."""
 
     hint = "`--model tiny` runs offline; a hub id needs network or a local copy"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    scores: np.ndarray  # float32 (9,), order of EMOTIONS, sums to 1
-    label: str  # argmax of scores
-    confidence: float  # max score
-    embedding: np.ndarray | None  # (D,) mean of the clip's frame features, when requested
-    frame_scores: np.ndarray | None  # (T, 9), one row per 20 ms frame, for granularity "frame"
 
 
 def label_of(token: str) -> str:
@@ -221,10 +215,17 @@ def _ieee_fp32_convs(enabled: bool) -> Iterator[None]:
         conv.fp32_precision = before
 
 
-def load_model(settings: ModelSettings, *, cache_dir: Path | None = None) -> EmotionModel:
-    """Resolve, build, strictly verify, warm up. Raises :class:`ModelLoadError` with a hint."""
+def load_model(settings: ModelSettings, *, cache_dir: Path | None = None) -> EmotionModel | SimulatedModel:
+    """Resolve, build, strictly verify, warm up. Raises :class:`ModelLoadError` with a hint.
+
+    ``simulated:<audio-s/s>[,<ms>]`` is the simulated accelerator (``simulated_model.py``), for benchmarks.
+    """
+    from emofleet.processors.simulated_model import is_simulated  # it imports this module: not at the top
+
+    if is_simulated(settings.model):
+        return _load_simulated(settings)
     device = _resolve_device(settings.device)
-    precision = _check_precision(settings.precision, device)
+    precision = _check_precision(resolve_precision(settings.precision, device, cpu_flags()), device)
     if settings.granularity not in GRANULARITIES:
         raise ModelLoadError(f"granularity={settings.granularity!r}: use one of {', '.join(GRANULARITIES)}")
     if settings.threads < 0:
@@ -259,6 +260,20 @@ def load_model(settings: ModelSettings, *, cache_dir: Path | None = None) -> Emo
     return model
 
 
+def _load_simulated(settings: ModelSettings) -> SimulatedModel:
+    from emofleet.processors.simulated_model import SimulatedModel, SimulatedSpecError, parse_simulated
+
+    if settings.precision not in (*PRECISIONS, "auto"):
+        raise ModelLoadError(f"precision={settings.precision!r}: use one of auto, {', '.join(PRECISIONS)}")
+    try:
+        device = parse_simulated(settings.model)
+    except SimulatedSpecError as error:
+        raise ModelLoadError(str(error)) from None
+    log.warning("model %s is the SIMULATED accelerator (benchmarks only): its scores are not emotions",
+                device.model_id)
+    return SimulatedModel(device, precision=settings.precision)
+
+
 # --- resolution ---------------------------------------------------------------------------------
 
 
@@ -281,7 +296,7 @@ def _resolve_device(device: str) -> str:
 
 def _check_precision(precision: str, device: str) -> str:
     if precision not in PRECISIONS:
-        raise ModelLoadError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+        raise ModelLoadError(f"precision={precision!r}: use one of auto, {', '.join(PRECISIONS)}")
     on_cuda = device.startswith("cuda")
     if precision == "fp16" and not on_cuda:
         raise ModelLoadError("precision=fp16 needs a CUDA device: use bf16 or int8 on CPU")
@@ -293,10 +308,36 @@ def _check_precision(precision: str, device: str) -> str:
     return precision
 
 
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo names of native bf16 matmuls
+
+
+def resolve_precision(precision: str, device: str, flags: frozenset[str]) -> str:
+    """``auto`` -> bf16 on GPUs and on CPUs with native bf16 (``flags`` from :func:`cpu_flags`), else fp32;
+    any other value is returned as given."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") or flags & NATIVE_BF16_FLAGS:
+        return "bf16"
+    return "fp32"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo); empty where there is none."""
+    try:
+        with cpuinfo.open(encoding="ascii", errors="replace") as lines:
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def native_cpu_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX tiles)."""
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX), by /proc/cpuinfo or torch."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS) or any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _resolve_directory(settings: ModelSettings, cache_dir: Path | None) -> Path:

@@ -38,11 +38,13 @@ class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[TopicPartition, _PartitionOffsets] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._in_flight = 0  # sum of the partitions' unsettled counts, asked for once per message
 
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         state = self._partitions.setdefault(tp, _PartitionOffsets())
         state.pending.append(offset)
         state.unsettled += 1
+        self._in_flight += 1
 
     def finished(self, tp: TopicPartition, offset: int) -> None:
         """The message's outputs are delivered. Unknown partitions (revoked meanwhile) are ignored."""
@@ -50,6 +52,7 @@ class OffsetTracker:
         if state is not None and state.awaiting(offset):
             state.finished.add(offset)
             state.unsettled -= 1
+            self._in_flight -= 1
             state.advance()
 
     def dropped(self, tp: TopicPartition, offset: int) -> None:
@@ -58,6 +61,7 @@ class OffsetTracker:
         if state is not None and state.awaiting(offset):
             state.dropped.add(offset)
             state.unsettled -= 1
+            self._in_flight -= 1
 
     def unsettled(self, tp: TopicPartition) -> int:
         """Messages neither finished nor dropped."""
@@ -71,7 +75,7 @@ class OffsetTracker:
 
     def in_flight(self) -> int:
         """Messages consumed but not yet finished or dropped, over all partitions (the backpressure gauge)."""
-        return sum(state.unsettled for state in self._partitions.values())
+        return self._in_flight
 
     def to_commit(self, partitions: list[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Commit points that moved since they were last marked committed."""
@@ -85,5 +89,7 @@ class OffsetTracker:
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._partitions.pop(tp, None)
+            state = self._partitions.pop(tp, None)
+            if state is not None:
+                self._in_flight -= state.unsettled
             self._committed.pop(tp, None)

@@ -21,7 +21,7 @@ from emofleet.core.metrics import Metrics
 from emofleet.processors.audio import Audio, AudioError, AudioLoader
 from emofleet.processors.cache import ResultCache
 from emofleet.processors.events import ClipResult, ModelIdentity
-from emofleet.processors.model import Prediction
+from emofleet.processors.prediction import Prediction
 from emofleet.processors.stages import (
     Claimed, Dedupe, Emit, ForwardFailed, Gather, Infer, Item, Prepare, Scored, Settle, by_content,
 )
