@@ -164,7 +164,7 @@ class BatchSettings:
     max_audio_seconds: float = 240.0
     max_wait_ms: int = 200
     max_padding_fraction: float = 0.15
-    max_in_flight: int = 256
+    max_in_flight: int = 1024  # above the ready queue in short clips plus a batch and the fetch pool (bench/README.md)
     revoke_grace_seconds: float = 10.0
     commit_interval_seconds: float = 1.0
 

@@ -35,8 +35,9 @@ module is the one place that wires them, in the spirit of Sentry Arroyo's proces
    message is delivered the message is reported finished, which lets the loop commit past it.
 
 Every submitted message is reported exactly once (``Settle``): finished once its outputs are delivered,
-dropped when the step closes before it produced anything. ``join`` waits until nothing is open; ``close``
-stops the threads and reports what is left dropped (the loop re-reads it).
+dropped when the step stops before it produced anything. ``join`` stops taking work, drops what has not reached
+the model and waits for the batch in progress; ``close`` stops the threads and reports what is left dropped
+(the loop re-reads it).
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ class InferenceStep:
             raise failure
 
     def join(self, timeout: float) -> None:
-        """Wait until every submitted message is reported (its outputs delivered), for at most ``timeout``."""
+        """Finish the forward in progress and deliver its outputs, for at most ``timeout``; drop what has not
+        reached the model (the loop reads it again, or the partition's next owner does). Fast on purpose: an
+        assignment change or a stop waits for one batch, not for the whole queue."""
+        self._closing.set()
+        self._gather.wake()
+        self._settle.drop(self._gather.drain())
         self._settle.wait_empty(timeout)
 
     def close(self) -> None:
@@ -156,7 +162,7 @@ class InferenceStep:
         outcome = self._prepare(item)
         if isinstance(outcome, Failure):
             self._emit.dead_letter(item, outcome)
-        elif outcome is None:
+        elif outcome is None or self._closing.is_set():
             self._settle.drop([item])
         else:
             self._gather.put(outcome)

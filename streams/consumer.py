@@ -9,7 +9,9 @@ and differs only in its :class:`Strategy`, after Sentry's Arroyo:
   holds, for at most ``join_timeout_seconds``) and closed (``close()``: what is left is reported dropped),
   the finished prefix is committed, partitions kept but holding dropped work are rewound to their first
   unfinished offset, and a new strategy takes over. A strategy therefore never sees its partitions change,
-  and a report from a closed strategy is ignored (each strategy reports under its own generation).
+  and a report from a closed strategy is ignored (each strategy reports under its own generation). Messages
+  the old strategy finished past the first unfinished one are not submitted again when the rewind re-reads
+  them (their outputs are out already); they just count as finished.
 - **Submit / poll / join / close.** ``submit`` takes one message without blocking for long; ``poll`` runs on
   the poll thread once per turn for due work (the sink's inserts) and raises the strategy's fatal error;
   every submitted message is reported exactly once, ``finished`` (its outputs are delivered) or dropped.
@@ -141,6 +143,7 @@ class ConsumerLoop:
         self._settled: queue.SimpleQueue[Settled] = queue.SimpleQueue()
         self._tracker = OffsetTracker()
         self._last_offset: dict[TP, int] = {}  # of the last message taken per partition
+        self._done: dict[TP, set[int]] = {}  # finished before a rewind: not submitted again when re-read
         self._strategy: Strategy | None = None
         self._generation = 0
         self._held: Message | None = None  # a message offered but not taken (backpressure)
@@ -179,7 +182,10 @@ class ConsumerLoop:
         # Near the bound this still asks for one message: consume() is also what serves heartbeats and
         # rebalance callbacks.
         room = max(1, min(self._limits.poll_batch, self._limits.max_in_flight - self._tracker.in_flight()))
-        for message in self._consumer.consume(num_messages=room, timeout=0.1):
+        # While holding, the partitions are paused and nothing comes: a short wait, so the held message is offered
+        # again as soon as work drains rather than a whole poll timeout later.
+        timeout = 0.005 if self._held is not None else 0.1
+        for message in self._consumer.consume(num_messages=room, timeout=timeout):
             self._accept(message)
         self._drain_settled()
         if self._strategy is not None:
@@ -219,7 +225,18 @@ class ConsumerLoop:
         self.metrics.messages_in.labels(tp[0]).inc()
         if message.offset() <= self._last_offset.get(tp, -1):
             self._restart_partition(tp, message.offset())
+        if message.offset() in self._done.get(tp, ()):
+            self._pass_finished(tp, message.offset())
+            return
         self._offer(message)
+
+    def _pass_finished(self, tp: TP, offset: int) -> None:
+        """A message re-read after a rewind whose outputs an earlier strategy already delivered: it counts as
+        finished without being processed again (its results are not duplicated)."""
+        self._done[tp].discard(offset)
+        self._tracker.consumed(tp, offset)
+        self._tracker.finished(tp, offset)
+        self._last_offset[tp] = offset
 
     def _offer(self, message: Message) -> bool:
         """Submit, or hold the message and pause (backpressure); True when the strategy took it."""
@@ -369,9 +386,12 @@ class ConsumerLoop:
             rewind.setdefault(tp, held.offset())
         for tp, offset in rewind.items():
             self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+            self._done[tp] = self._done.get(tp, set()) | self._tracker.finished_beyond_commit(tp)
         self._tracker.forget(list(kept | gone))
         for tp in kept | gone:
             self._last_offset.pop(tp, None)
+        for tp in (gone | set(forget)) - kept:
+            self._done.pop(tp, None)
         if self._paused:
             self._set_paused(False)
 

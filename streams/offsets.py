@@ -73,6 +73,11 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         return state.pending[0] if state is not None and state.pending else None
 
+    def finished_beyond_commit(self, tp: TopicPartition) -> set[int]:
+        """Finished offsets the commit point cannot pass yet (an earlier message is unfinished)."""
+        state = self._partitions.get(tp)
+        return set(state.finished) if state is not None else set()
+
     def in_flight(self) -> int:
         """Messages consumed but not yet finished or dropped, over all partitions (the backpressure gauge)."""
         return self._in_flight

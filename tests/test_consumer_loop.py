@@ -188,3 +188,22 @@ def test_a_new_member_replaces_the_strategy_and_unfinished_work_is_read_again(se
     assert {tp for tp, offset in again if offset == last[tp]} == set(last), "every open message was read again"
     kept = first_strategy_holds.created[-1]
     assert kept and kept < first_strategy_holds.created[0], "the first member's fresh strategy has fewer partitions"
+
+
+def test_after_a_rewind_only_the_unfinished_message_is_processed_again(settings: Settings) -> None:
+    """Offset 5 of every partition stays open; everything after it finishes. When the assignment changes, the
+    partitions the first member keeps are rewound to 5, and only 5 is submitted again: 6.. were finished (their
+    outputs are out), so they are passed over, and the commit then reaches the end."""
+    topic, counts = make_topic(settings, 80)
+    strategies = Recording(hold=lambda m: m.offset() == 5)
+    with running(settings, topic, strategies) as first:
+        wait_for(lambda: len(strategies.submitted) == sum(counts.values()), "all offered once")
+        strategies.hold = lambda _: False
+        with running(settings, topic, Recording()) as other:
+            wait_for(lambda: other.assigned and len(strategies.created) >= 2, "the group rebalanced")
+            wait_for(lambda: committed(settings, topic, settings.kafka.processor_group) == counts, "every commit")
+            kept = strategies.created[-1]
+    assert kept, "the first member kept some partitions"
+    for tp in kept:
+        again = [offset for number, p, offset in strategies.submitted if number > 1 and p == tp]
+        assert again == [5], f"{tp}: only the unfinished message is processed again, got {again}"
