@@ -201,14 +201,18 @@ class Gather:
     def ready_seconds(self) -> float:
         return self._ready_seconds
 
-    def put(self, item: Item) -> None:
+    def put(self, item: Item) -> bool:
+        """Queue ``item``, waiting while the queue is over its bound; False (not queued) once closing."""
         with self._cond:
             while self._ready_seconds > self.ready_limit and not self._closing.is_set():
                 self._cond.wait(0.5)
+            if self._closing.is_set():
+                return False
             item.ready_at = time.monotonic()
             self._ready.append(item)
             self._ready_seconds += item.seconds
             self._cond.notify_all()
+        return True
 
     def defer(self, items: list[Item]) -> None:
         with self._cond:

@@ -103,7 +103,8 @@ class InferenceStep:
         settings, metrics = shared.settings, shared.metrics
         self.metrics = metrics
         self._observe_stage = shared.observe_stage
-        self._closing = threading.Event()
+        self._closing = threading.Event()  # no more work taken: prepare, gather and the inference loop stop
+        self._closed = threading.Event()  # the delivery thread may stop once the producer is empty
         self._failure: BaseException | None = None
 
         self._settle = Settle(report)
@@ -116,7 +117,7 @@ class InferenceStep:
 
         self._pool = ThreadPoolExecutor(settings.audio.fetch_workers, thread_name_prefix="fetch")
         self._worker = threading.Thread(target=self._run_worker, name="inference", daemon=True)
-        self._delivery = threading.Thread(target=self._emit.serve_deliveries, args=(self._closing,),
+        self._delivery = threading.Thread(target=self._emit.serve_deliveries, args=(self._closed,),
                                           name="delivery", daemon=True)
         self._worker.start()
         self._delivery.start()
@@ -149,6 +150,7 @@ class InferenceStep:
         self._gather.wake()
         self._pool.shutdown(wait=True, cancel_futures=True)  # running fetches see _closing and drop
         self._worker.join()
+        self._closed.set()
         self._settle.drop(self._gather.drain())
         self._emit.flush(5.0)
         self._settle.drop(self._settle.without_outputs())
@@ -162,10 +164,8 @@ class InferenceStep:
         outcome = self._prepare(item)
         if isinstance(outcome, Failure):
             self._emit.dead_letter(item, outcome)
-        elif outcome is None or self._closing.is_set():
+        elif outcome is None or not self._gather.put(outcome):  # put refuses once the step is stopping
             self._settle.drop([item])
-        else:
-            self._gather.put(outcome)
 
     # ------------------------------------------------------------ gather -> dedupe -> infer (inference thread)
 

@@ -175,6 +175,22 @@ def test_gather_bounds_the_ready_queue_by_audio_seconds() -> None:
     assert not blocked.is_alive() and gather.ready_seconds == 5.0
 
 
+def test_a_producer_blocked_on_a_full_queue_is_refused_when_the_step_stops() -> None:
+    """Found by bench/fleet_scaling.py: a prepare thread waiting for room queued its clip after the step's join had
+    drained the queue, and the join then waited its whole grace for a message nobody would process."""
+    closing = threading.Event()
+    gather = Gather(BatchSettings(max_clips=1, max_audio_seconds=1.0, max_wait_ms=0), closing)
+    for i in range(5):
+        assert gather.put(_item(i, seconds=1.0))
+    outcome: list[bool] = []
+    blocked = threading.Thread(target=lambda: outcome.append(gather.put(_item(9, seconds=1.0))), daemon=True)
+    blocked.start()
+    closing.set()
+    gather.wake()
+    blocked.join(2)
+    assert outcome == [False] and len(gather.drain()) == 5
+
+
 def test_gather_revoke_deferral_and_close() -> None:
     closing = threading.Event()
     gather = Gather(BatchSettings(max_clips=10, max_audio_seconds=100.0, max_wait_ms=50), closing)
