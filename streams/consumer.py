@@ -410,6 +410,8 @@ class ConsumerLoop:
                 self._drain_settled()
             if clean:
                 self._commit(asynchronous=False)
+            else:  # nothing more is committed, not even by the revoke callbacks a closing consumer runs
+                self._tracker.forget(list(self.assigned))
         finally:
             # close() runs the revoke callbacks, which need the loop intact; then the last references go
             self._strategy = None
